@@ -1,0 +1,9 @@
+"""fused: AdamW as a Triton kernel that reads the learning rate from a device tensor.
+
+>>> from fused import FusedAdamW
+>>> opt = FusedAdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+"""
+
+from .adamw import FusedAdamW, fused_adamw
+
+__all__ = ["FusedAdamW", "fused_adamw"]

@@ -1,0 +1,429 @@
+"""FusedAdamW: torch.optim.AdamW's math in one Triton launch per (device, dtype) bucket, with the
+learning rate read from a device tensor.
+
+The class validates, keeps state and groups tensors; :func:`fused_adamw` is the functional form;
+:mod:`fused.kernel` holds the kernel and its launcher; :mod:`fused.reference` the same math in
+plain torch, which CPU parameters use when the Triton interpreter is off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .reference import adamw_step_reference_
+
+try:
+    from . import kernel as _kernel
+except ImportError:  # triton missing: CPU params still work through the torch path
+    _kernel = None
+
+__all__ = ["FusedAdamW", "fused_adamw"]
+
+_TRITON_HINT = "FusedAdamW needs triton for CUDA tensors: pip install 'triton>=3.6'"
+
+
+def _uses_kernel(device: torch.device) -> bool:
+    """CUDA tensors run the Triton kernel; CPU tensors only under TRITON_INTERPRET=1 (tests)."""
+    if device.type == "cuda":
+        if _kernel is None:
+            raise ImportError(_TRITON_HINT)
+        return True
+    return device.type == "cpu" and _kernel is not None and _kernel.interpreter_enabled()
+
+
+class FusedAdamW(Optimizer):
+    r"""AdamW (decoupled weight decay) as a fused Triton kernel that reads the LR from the device.
+
+    .. math::
+        p &\leftarrow p\,(1 - \mathrm{lr}\cdot\lambda) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1)\, g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\, g^2 \qquad
+            (\text{amsgrad: } \hat v \leftarrow \max(\hat v, v)) \\
+        p &\leftarrow p - \frac{\mathrm{lr}}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    computed in fp32 for fp32, bf16 and fp16 params (state is always fp32), identical to
+    ``torch.optim.AdamW`` up to float32 rounding.
+
+    ``param_groups[i]["lr"]`` is a 0-dim float32 tensor on the group's device. Schedulers
+    (torch's, and ``warmup.GradualWarmupScheduler``) update it in place with ``fill_``, and the
+    kernel loads it, so ``scheduler.step(); opt.step()`` never syncs with the host and never
+    invalidates a compiled graph or a captured CUDA graph. If a float is assigned to
+    ``param_groups[i]["lr"]`` instead, the next ``step()`` adopts it: it ``fill_``s the group's
+    own LR tensor with the value and puts that tensor back (same address, so graphs stay valid).
+
+    ``state_dict()`` saves the LR as a float and the state under torch.optim.AdamW's keys
+    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so checkpoints move both ways
+    between this optimizer and ``torch.optim.AdamW``; loading keeps fp32 state in fp32.
+
+    ``torch.amp.GradScaler`` hands the unscale and the inf check to the step (``grad_scale`` /
+    ``found_inf``, as with torch's fused optimizers): with ``found_inf`` set, params and state are
+    left untouched.
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups.
+        lr (float or Tensor, optional): learning rate (default: 1e-3)
+        betas (tuple[float, float], optional): coefficients of the running averages of the
+            gradient and its square (default: (0.9, 0.999))
+        eps (float, optional): added to the denominator (default: 1e-8)
+        weight_decay (float, optional): decoupled weight decay coefficient (default: 1e-2)
+        amsgrad (bool, optional): use the AMSGrad variant (default: False)
+        maximize (bool, optional): maximize the objective instead of minimizing (default: False)
+
+    Example:
+        >>> opt = FusedAdamW(model.parameters(), lr=1e-3)
+        >>> sched = warmup.GradualWarmupScheduler(opt, multiplier=1, total_epoch=1000)
+        >>> for batch in loader:
+        ...     loss_fn(model(batch)).backward()
+        ...     opt.step(); opt.zero_grad(); sched.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        self._lr_tensors: list[Tensor] = []
+        self._tables = _kernel.TableCache() if _kernel is not None else None
+        super().__init__(params, defaults)
+        # GradScaler: hand grad_scale / found_inf to step() instead of unscaling the grads itself
+        self._step_supports_amp_scaling = True
+
+    # ---------------------------------------------------------------- groups and validation
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate(group)
+            device = _group_device(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        lr = group["lr"]
+        lr_tensor = (lr.detach().to(device=device, dtype=torch.float32).reshape(()).clone()
+                     if isinstance(lr, Tensor)
+                     else torch.tensor(float(lr), dtype=torch.float32, device=device))
+        group["lr"] = lr_tensor
+        self._lr_tensors.append(lr_tensor)
+
+    def _group_lr(self, index: int, group: dict) -> Tensor:
+        """The group's LR tensor; a float (or foreign tensor) assigned since is adopted back."""
+        own = self._lr_tensors[index]
+        lr = group["lr"]
+        if lr is own:
+            return own
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"Invalid learning rate: param_groups[{index}]['lr'] has shape "
+                                 f"{tuple(lr.shape)}, expected a single value")
+            own.copy_(lr.detach().reshape(()))
+        else:
+            if not (isinstance(lr, (int, float)) and lr >= 0.0):
+                raise ValueError(f"Invalid learning rate: {lr}")
+            own.fill_(lr)
+        group["lr"] = own
+        return own
+
+    # ---------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        grad_mul = self._take_grad_mul()
+
+        buckets: dict[tuple, _Bucket] = {}
+        for index, group in enumerate(self.param_groups):
+            lr = self._group_lr(index, group)
+            beta1, beta2 = group["betas"]
+            hyper = (beta1, beta2, group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    _init_state(state, p, group["amsgrad"])
+                key = (p.device, p.dtype, group["amsgrad"], group["maximize"])
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = _Bucket()
+                bucket.add(p, grad, state, lr, hyper)
+
+        for (device, _, amsgrad, maximize), b in buckets.items():
+            _adamw_multi(
+                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs,
+                b.max_exp_avg_sqs if amsgrad else None, b.steps, b.lrs, b.hypers,
+                amsgrad=amsgrad, maximize=maximize,
+                grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
+                grad_mul=_on(grad_mul, device), tables=self._tables)
+        return loss
+
+    def _take_grad_mul(self) -> Tensor | None:
+        """A factor for every grad of the next step (e.g. a pending clip coefficient); hook."""
+        return None
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """torch.optim.AdamW-compatible: the LR is saved as a float (a host read, once)."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if isinstance(group.get(key), Tensor):
+                    group[key] = group[key].item()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads ours or torch.optim.AdamW's; state stays fp32 on the param's device."""
+        saved_state = state_dict["state"]
+        id_to_param = {}
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            id_to_param.update(zip(saved_group["params"], group["params"]))
+        super().load_state_dict(state_dict)
+        for index, group in enumerate(self.param_groups):
+            _validate(group)
+            self._group_lr(index, group)  # adopt the saved LR into the group's device tensor
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+        # torch casts floating state to the param dtype (and keeps `step` where it was saved);
+        # redo it from the saved values: fp32 state and a 0-dim fp32 step on the param's device
+        for param_id, saved in saved_state.items():
+            p = id_to_param.get(param_id)
+            if p is None:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if key == "step":
+                    value = value if isinstance(value, Tensor) else torch.tensor(float(value))
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(
+                        ()).clone()
+                elif isinstance(value, Tensor) and value.is_floating_point():
+                    state[key] = value.detach().to(device=p.device, dtype=torch.float32,
+                                                   copy=True)
+            if "max_exp_avg_sq" not in state and "exp_avg_sq" in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+
+
+class _Bucket:
+    """The tensors of one (device, dtype, amsgrad, maximize) launch."""
+
+    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lrs",
+                 "hypers")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, [])
+
+    def add(self, p, grad, state, lr, hyper):
+        self.params.append(p)
+        self.grads.append(grad)
+        self.exp_avgs.append(state["exp_avg"])
+        self.exp_avg_sqs.append(state["exp_avg_sq"])
+        self.max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
+        self.steps.append(state["step"])
+        self.lrs.append(lr)
+        self.hypers.append(hyper)
+
+
+def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
+    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                           memory_format=torch.preserve_format)
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                   memory_format=torch.preserve_format)
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    if t is None:
+        return None
+    return t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+
+
+def _validate(group: dict, read_lr: bool = True) -> None:
+    """ValueError naming the argument and the value; ``read_lr=False`` skips reading a tensor LR
+    on the host (the functional form must not sync)."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Invalid learning rate: a tensor LR must hold one value, got shape "
+                         f"{tuple(lr.shape)}")
+    if isinstance(lr, Tensor) and not read_lr:
+        pass
+    else:
+        lr_value = lr.detach().reshape(-1)[0].item() if isinstance(lr, Tensor) else lr
+        if isinstance(lr_value, bool) or not (
+                isinstance(lr_value, (int, float)) and 0.0 <= lr_value < math.inf):
+            raise ValueError(f"Invalid learning rate: {lr_value}")
+    eps = group["eps"]
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps < math.inf):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) or not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    wd = group["weight_decay"]
+    if not (isinstance(wd, (int, float)) and 0.0 <= wd < math.inf):
+        raise ValueError(f"Invalid weight_decay value: {wd}")
+
+
+def _group_device(group: dict) -> torch.device:
+    params = group["params"]
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError("FusedAdamW: all params of a param group must be on one device, got "
+                         f"{sorted(str(d) for d in devices)}; put them in separate groups")
+    for p in params:
+        if not p.is_floating_point():
+            raise ValueError(f"FusedAdamW: params must be floating point, got {p.dtype}")
+    if params:
+        return next(iter(devices))
+    return torch.device("cpu")
+
+
+def _needs_copy(p: Tensor, *others: Tensor) -> bool:
+    """The kernel walks memory flat: params, grads and state must share one dense layout."""
+    if not _is_dense(p):
+        return True
+    return any(t.stride() != p.stride() for t in others)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some order of its dims is contiguous (e.g. a transpose)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _adamw_multi(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers, *,
+                 amsgrad, maximize, grad_scale, found_inf, grad_mul, tables):
+    """Steps one bucket: increment the step counts, update, undo the count on a skipped step."""
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    device = params[0].device
+    if _uses_kernel(device) and params[0].dtype in _kernel.SUPPORTED_DTYPES:
+        _kernel_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers,
+                     amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+                     found_inf=found_inf, grad_mul=grad_mul, tables=tables)
+    else:
+        for i, p in enumerate(params):
+            beta1, beta2, eps, wd = hypers[i]
+            adamw_step_reference_(
+                p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                max_exp_avg_sqs[i] if amsgrad else None, steps[i], lr=lrs[i], beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=wd, maximize=maximize, grad_scale=grad_scale,
+                found_inf=found_inf, clip_coef=grad_mul)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+def _kernel_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers, *,
+                 amsgrad, maximize, grad_scale, found_inf, grad_mul, tables):
+    write_back = []  # (original, contiguous working copy) for tensors the kernel cannot walk flat
+    if any(_needs_copy(p, g, m, v) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)):
+        params, grads, exp_avgs, exp_avg_sqs = (list(x) for x in (params, grads, exp_avgs,
+                                                                   exp_avg_sqs))
+        max_exp_avg_sqs = list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else None
+        for i in range(len(params)):
+            others = [grads[i], exp_avgs[i], exp_avg_sqs[i]]
+            if max_exp_avg_sqs is not None:
+                others.append(max_exp_avg_sqs[i])
+            if not _needs_copy(params[i], *others):
+                continue
+            grads[i] = grads[i].contiguous()
+            for lst in (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+                if lst is not None and not lst[i].is_contiguous():
+                    write_back.append((lst[i], lst[i].contiguous()))
+                    lst[i] = write_back[-1][1]
+    _kernel.adamw_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs,
+                         hypers, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+                         found_inf=found_inf, grad_mul=grad_mul, cache=tables)
+    for original, working in write_back:
+        original.copy_(working)
+
+
+def fused_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    r"""Functional FusedAdamW: one step over these tensors, in place (the math of
+    :class:`FusedAdamW`). ``state_steps`` are 0-dim float32 tensors, incremented here; ``lr`` is a
+    0-dim float32 tensor on the params' device (a float is accepted and put there). State tensors
+    are fp32. Tensors are grouped by (device, dtype) and stepped with one launch per group.
+    """
+    if not params:
+        return
+    if not all(len(x) == len(params) for x in (grads, exp_avgs, exp_avg_sqs, state_steps)):
+        raise ValueError("fused_adamw: params, grads, exp_avgs, exp_avg_sqs and state_steps must "
+                         "have the same length")
+    if amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != len(params)):
+        raise ValueError("fused_adamw: amsgrad=True needs one max_exp_avg_sq per param")
+    _validate(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay),
+              read_lr=False)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    for (device, _), idx in groups.items():
+        lr_tensor = (lr.to(device=device, dtype=torch.float32).reshape(())
+                     if isinstance(lr, Tensor)
+                     else torch.tensor(float(lr), dtype=torch.float32, device=device))
+        _adamw_multi(
+            _pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
+            _pick(max_exp_avg_sqs, idx) if amsgrad else None, _pick(state_steps, idx),
+            [lr_tensor] * len(idx), [(beta1, beta2, eps, weight_decay)] * len(idx),
+            amsgrad=amsgrad, maximize=maximize, grad_scale=_on(grad_scale, device),
+            found_inf=_on(found_inf, device), grad_mul=None, tables=_FUNCTIONAL_TABLES)
+
+
+def _pick(xs: list, idx: list[int]) -> list:
+    return [xs[i] for i in idx]
+
+
+_FUNCTIONAL_TABLES = _kernel.TableCache() if _kernel is not None else None

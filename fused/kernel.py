@@ -1,0 +1,277 @@
+"""The Triton AdamW kernel and its multi-tensor launcher.
+
+One launch updates every tensor of a (device, dtype, amsgrad, maximize) bucket, whatever param
+group it belongs to. The kernel learns where the tensors are from three small device tables:
+
+- ``tensors`` (int64, one row per tensor): the addresses of param, grad, exp_avg, exp_avg_sq,
+  max_exp_avg_sq, the step count and the group's LR tensor, and the element count;
+- ``hypers`` (fp32, one row per tensor): β1, β2, ln β1, ln β2, eps, weight_decay of its group;
+- ``blocks`` (int32, one row per program): which tensor and which BLOCK-sized chunk of it.
+
+The LR and the step count are *loaded* from device memory, so a scheduler that ``fill_``s the LR
+tensor changes the next step without a host sync, a recompile or a CUDA-graph re-capture. The
+tables depend only on addresses and hyperparameters: they are cached keyed by both, rebuilt (one
+host→device copy, outside any graph capture) only when something changed, and kept alive so a
+captured graph that read an older table stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096  # elements per program: 16 per thread at 8 warps, i.e. four 16-byte loads per tensor
+NUM_WARPS = 8
+_TENSOR_COLS = 8  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, numel
+_HYPER_COLS = 8  # beta1, beta2, ln beta1, ln beta2, eps, weight_decay, (2 unused)
+_CACHE_SIZE = 8  # tables kept per optimizer: older graphs may still read one
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+# Launch counter, for tests that check a step is a handful of launches and not one per tensor.
+launches = 0
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _one_minus_pow(step, log_beta):
+    # 1 − βᵗ = −expm1(t·ln β). For small |t·ln β| (early steps with β2 = 0.999) 1 − exp(x) cancels
+    # in fp32, so use the Taylor series of −expm1 there (exact to fp32 rounding for |x| < 0.5).
+    x = step * log_beta
+    series = -x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * (
+        1 + x / 7 * (1 + x / 8)))))))
+    return tl.where(x > -0.5, series, 1 - tl.exp(x))
+
+
+@triton.jit
+def _adamw_chunk(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+    offs, mask,  # mask is None for a chunk wholly inside its tensor (unmasked, vectorized access)
+    lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_mul,
+    grad_scale_ptr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
+):
+    # all math in fp32, whatever the param dtype
+    p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offs, mask=mask)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
+    if HAS_GRAD_SCALE:  # unscale: divide like GradScaler's own unscale (the scale is a power of 2)
+        g = g / tl.load(grad_scale_ptr)
+    if HAS_GRAD_MUL:  # pending global-norm clip coefficient
+        g = g * grad_mul
+    if MAXIMIZE:
+        g = -g
+    # decoupled weight decay
+    if WEIGHT_DECAY:
+        p = p * (1.0 - lr * weight_decay)
+    # first and second moments
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    if AMSGRAD:
+        v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=mask), v)
+        tl.store(max_exp_avg_sq_ptr + offs, v_max, mask=mask)
+        denom = tl.sqrt(v_max) / bias_correction2_sqrt + eps
+    else:
+        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    # bias-corrected step
+    p = p - step_size * (m / denom)
+    tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _adamw_kernel(
+    tensors_ptr,  # int64 [n_tensors, 8]: param, grad, m, v, v_max, step, lr addresses; numel
+    hypers_ptr,  # fp32 [n_tensors, 8]: beta1, beta2, ln beta1, ln beta2, eps, weight_decay
+    blocks_ptr,  # int32 [n_programs, 2]: tensor index, chunk index within that tensor
+    grad_scale_ptr,  # fp32 scalar: grads are divided by it (HAS_GRAD_SCALE)
+    found_inf_ptr,  # fp32 scalar: nonzero means skip the whole step (HAS_FOUND_INF)
+    grad_mul_ptr,  # fp32 scalar: grads are multiplied by it, e.g. a clip coefficient (HAS_GRAD_MUL)
+    PARAM_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned: allow vector loads
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_GRAD_MUL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
+    row = tensors_ptr + tensor * 8
+    param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
+    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    lr_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    numel = tl.load(row + 7)
+    if ALIGNED:
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+        max_exp_avg_sq_ptr = tl.multiple_of(max_exp_avg_sq_ptr, 16)
+
+    hyper = hypers_ptr + tensor * 8
+    beta1 = tl.load(hyper + 0)
+    beta2 = tl.load(hyper + 1)
+    log_beta1 = tl.load(hyper + 2)
+    log_beta2 = tl.load(hyper + 3)
+    eps = tl.load(hyper + 4)
+    weight_decay = tl.load(hyper + 5)
+
+    # the LR and the step count come from device memory: no host value is baked in
+    lr = tl.load(lr_ptr)
+    step = tl.load(step_ptr)
+    step_size = lr / _one_minus_pow(step, log_beta1)
+    bias_correction2_sqrt = tl.sqrt(_one_minus_pow(step, log_beta2))
+    grad_mul = 1.0
+    if HAS_GRAD_MUL:
+        grad_mul = tl.load(grad_mul_ptr)
+
+    proceed = True
+    if HAS_FOUND_INF:  # inf/nan in the scaled grads: leave params and state untouched
+        proceed = tl.load(found_inf_ptr) == 0.0
+    if proceed:
+        # int64 offsets: a tensor may hold more than 2**31 elements
+        start = chunk * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        if start + BLOCK <= numel:
+            _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                         offs, None, lr, beta1, beta2, eps, weight_decay, step_size,
+                         bias_correction2_sqrt, grad_mul, grad_scale_ptr,
+                         AMSGRAD, MAXIMIZE, WEIGHT_DECAY, HAS_GRAD_SCALE, HAS_GRAD_MUL)
+        else:
+            _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                         offs, offs < numel, lr, beta1, beta2, eps, weight_decay, step_size,
+                         bias_correction2_sqrt, grad_mul, grad_scale_ptr,
+                         AMSGRAD, MAXIMIZE, WEIGHT_DECAY, HAS_GRAD_SCALE, HAS_GRAD_MUL)
+
+
+class TableCache:
+    """The kernel's device tables, keyed by the tensors' addresses and the hyperparameters.
+
+    Holds the last few tables: a CUDA graph captured with an older table keeps reading it, so a
+    table is never freed while it may be the one a graph replays.
+    """
+
+    def __init__(self, size: int = _CACHE_SIZE):
+        self.size = size
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+
+    def get(self, key: tuple, build):
+        tables = self._tables.get(key)
+        if tables is not None:
+            self._tables.move_to_end(key)
+            return tables
+        tables = build()
+        self._tables[key] = tables
+        if len(self._tables) > self.size:
+            self._tables.popitem(last=False)
+        return tables
+
+
+def _build_tables(rows: list[tuple[int, ...]], hypers: list[tuple[float, ...]],
+                  device: torch.device):
+    tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TENSOR_COLS)
+    hyper = torch.tensor(hypers, dtype=torch.float32).reshape(-1, _HYPER_COLS)
+    counts = (tensors[:, 7] + BLOCK - 1) // BLOCK
+    tensor_index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    chunk_index = torch.arange(len(tensor_index), dtype=torch.int64) - first_block[tensor_index]
+    blocks = torch.stack([tensor_index, chunk_index], dim=1).to(torch.int32)
+    if device.type == "cuda":
+        # pinned + non_blocking: the copy is asynchronous and does not sync with the host
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (tensors, hyper, blocks))
+    return tensors, hyper, blocks
+
+
+def adamw_launch(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    steps: list[torch.Tensor],
+    lrs: list[torch.Tensor],
+    hyperparameters: list[tuple[float, float, float, float]],
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    grad_mul: torch.Tensor | None,
+    cache: TableCache,
+) -> None:
+    """One kernel launch over same-device, same-dtype tensors (steps already incremented).
+
+    ``hyperparameters[i]`` is ``(beta1, beta2, eps, weight_decay)`` of tensor i's group. Every
+    tensor must be non-overlapping and dense with the same strides as its grad and state (the
+    caller hands over contiguous copies otherwise).
+    """
+    global launches
+    if not params:
+        return
+    device = params[0].device
+    dtype = params[0].dtype
+    if max_exp_avg_sqs is None:
+        max_exp_avg_sqs = exp_avg_sqs  # never read: AMSGRAD is off
+    rows = [
+        (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vm.data_ptr(), s.data_ptr(),
+         lr.data_ptr(), p.numel())
+        for p, g, m, v, vm, s, lr in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                         steps, lrs)
+    ]
+    key = (device, dtype, tuple(rows), tuple(hyperparameters))
+
+    def build():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "FusedAdamW: the tensors changed (new grads or params) during CUDA graph capture; "
+                "run one eager step with the same tensors before capturing")
+        hypers = [(b1, b2, math.log(b1) if b1 > 0 else -math.inf,
+                   math.log(b2) if b2 > 0 else -math.inf, eps, wd, 0.0, 0.0)
+                  for b1, b2, eps, wd in hyperparameters]
+        aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
+        return (*_build_tables(rows, hypers, device), aligned)
+
+    tensors, hypers, blocks, aligned = cache.get(key, build)
+    n_programs = blocks.shape[0]
+    if n_programs == 0:
+        return
+    dummy = tensors
+    _adamw_kernel[(n_programs,)](
+        tensors, hypers, blocks,
+        grad_scale if grad_scale is not None else dummy,
+        found_inf if found_inf is not None else dummy,
+        grad_mul if grad_mul is not None else dummy,
+        PARAM_DTYPE=_TL_DTYPES[dtype],
+        BLOCK=BLOCK,
+        ALIGNED=aligned,
+        AMSGRAD=amsgrad,
+        MAXIMIZE=maximize,
+        WEIGHT_DECAY=any(h[3] != 0.0 for h in hyperparameters),
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        HAS_GRAD_MUL=grad_mul is not None,
+        num_warps=NUM_WARPS,
+    )
+    launches += 1
