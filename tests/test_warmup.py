@@ -680,3 +680,13 @@ def test_diff_reference_accepts_bad_arguments(ref):
         GradualWarmupScheduler(make_optimizer(), float("nan"), 5)
     with pytest.raises(ValueError, match="total_epoch"):
         GradualWarmupScheduler(make_optimizer(), 2, 2.5)
+
+
+def test_bench_recipe_table_matches_closed_form():
+    plot_recipes = pytest.importorskip("bench.plot_recipes")
+    rows = plot_recipes.recipe_table("goyal", last=8)
+    assert [r["step"] for r in rows] == list(range(9))
+    expected = [0.1 * (1 + 31 * min(e, 5) / 5) for e in range(9)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
+    resnet = plot_recipes.recipe_lrs("resnet110")
+    assert resnet[:400] == pytest.approx([0.01] * 400) and resnet[400:] == [0.1] * 401
