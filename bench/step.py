@@ -30,7 +30,6 @@ def copy_bandwidth(nbytes: int = 4 << 30) -> float:
     src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

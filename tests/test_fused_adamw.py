@@ -54,7 +54,7 @@ class _Mirror:
         if lr is not None:
             for g in self.opt.param_groups:
                 g["lr"] = lr
-        for q, p, s, g in zip(self.master, self.params, start or self.params, grads):
+        for q, s, g in zip(self.master, start or self.params, grads):
             with torch.no_grad():
                 q.copy_(s.float())
             q.grad = None if g is None else g.float().to(q.device)
