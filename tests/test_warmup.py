@@ -690,3 +690,37 @@ def test_bench_recipe_table_matches_closed_form():
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
     resnet = plot_recipes.recipe_lrs("resnet110")
     assert resnet[:400] == pytest.approx([0.01] * 400) and resnet[400:] == [0.1] * 401
+
+
+def test_diff_reference_explicit_epoch_warns_and_drifts(ref, caught):
+    """Reference: step(epoch) warns (epoch deprecation) and jumps the after_scheduler by closed
+    form; ours replays, warns nothing and matches stepping there (see the step(epoch) test)."""
+    opt_ref = make_optimizer()
+    sched_ref = ref.GradualWarmupScheduler(opt_ref, M, T, StepLR(opt_ref, 1, 0.5))
+    for e in range(1, T + 4):
+        opt_ref.step()
+        sched_ref.step(e)
+    assert any("epoch parameter" in str(w.message) for w in caught)
+    caught.clear()
+    opt = make_optimizer()
+    sched = GradualWarmupScheduler(opt, M, T, StepLR(opt, 1, 0.5))
+    for e in range(1, T + 4):
+        opt.step()
+        sched.step(e)
+    assert caught == []
+    assert lrs(opt) == pytest.approx([M * b * 0.5**3 for b in BASES])
+
+
+def test_diff_reference_plateau_rebinds_tensor_lr_and_lacks_last_lr(ref, caught):
+    opt_ref = make_optimizer("tensor")
+    lr_tensor = opt_ref.param_groups[0]["lr"]
+    sched_ref = ref.GradualWarmupScheduler(opt_ref, M, T, ReduceLROnPlateau(opt_ref))
+    assert opt_ref.param_groups[0]["lr"] is not lr_tensor  # rebound: a new tensor
+    with pytest.raises(AttributeError):
+        sched_ref.get_last_lr()
+    opt = make_optimizer("tensor")
+    lr_tensor = opt.param_groups[0]["lr"]
+    sched = GradualWarmupScheduler(opt, M, T, ReduceLROnPlateau(opt))
+    assert opt.param_groups[0]["lr"] is lr_tensor
+    assert [float(x) for x in sched.get_last_lr()] == lrs(opt)
+    caught.clear()
