@@ -97,6 +97,7 @@ class FusedAdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         self._lr_tensors: list[Tensor] = []
+        self._plan: _Plan | None = None
         self._tables = _kernel.TableCache() if _kernel is not None else None
         super().__init__(params, defaults)
         # GradScaler: hand grad_scale / found_inf to step() instead of unscaling the grads itself
@@ -112,6 +113,7 @@ class FusedAdamW(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._plan = None
         lr = group["lr"]
         lr_tensor = (lr.detach().to(device=device, dtype=torch.float32).reshape(()).clone()
                      if isinstance(lr, Tensor)
@@ -152,35 +154,26 @@ class FusedAdamW(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_mul = self._take_grad_mul()
-
-        buckets: dict[tuple, _Bucket] = {}
-        for index, group in enumerate(self.param_groups):
-            lr = self._group_lr(index, group)
-            beta1, beta2 = group["betas"]
-            hyper = (beta1, beta2, group["eps"], group["weight_decay"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("FusedAdamW does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    _init_state(state, p, group["amsgrad"])
-                key = (p.device, p.dtype, group["amsgrad"], group["maximize"])
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = _Bucket()
-                bucket.add(p, grad, state, lr, hyper)
-
-        for (device, _, amsgrad, maximize), b in buckets.items():
-            _adamw_multi(
-                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs,
-                b.max_exp_avg_sqs if amsgrad else None, b.steps, b.lrs, b.hypers,
-                amsgrad=amsgrad, maximize=maximize,
-                grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
-                grad_mul=_on(grad_mul, device), tables=self._tables)
+        for bucket in self._current_plan().buckets:
+            device = bucket.device
+            bucket.step(self._tables, grad_scale=_on(grad_scale, device),
+                        found_inf=_on(found_inf, device), grad_mul=_on(grad_mul, device))
         return loss
+
+    def _current_plan(self) -> _Plan:
+        """The buckets of this step, rebuilt only when the groups, their hyperparameters or the
+        set of params with grads changed (the per-step cost is a few list comprehensions)."""
+        signature = []
+        has_grad = []
+        for index, group in enumerate(self.param_groups):
+            self._group_lr(index, group)
+            signature.append((len(group["params"]), tuple(group["betas"]), group["eps"],
+                              group["weight_decay"], group["amsgrad"], group["maximize"]))
+            has_grad.append([p.grad is None for p in group["params"]])
+        key = (signature, has_grad)
+        if self._plan is None or self._plan.key != key:
+            self._plan = _Plan(key, self)
+        return self._plan
 
     def _take_grad_mul(self) -> Tensor | None:
         """A factor for every grad of the next step (e.g. a pending clip coefficient); hook."""
@@ -203,6 +196,7 @@ class FusedAdamW(Optimizer):
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             id_to_param.update(zip(saved_group["params"], group["params"]))
         super().load_state_dict(state_dict)
+        self._plan = None
         for index, group in enumerate(self.param_groups):
             _validate(group)
             self._group_lr(index, group)  # adopt the saved LR into the group's device tensor
@@ -227,25 +221,88 @@ class FusedAdamW(Optimizer):
                 state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
 
 
+class _Plan:
+    """The step's buckets: one per (device, dtype, amsgrad, maximize), each one launch."""
+
+    def __init__(self, key: tuple, opt: FusedAdamW):
+        self.key = key
+        buckets: dict[tuple, _Bucket] = {}
+        for group in opt.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = (beta1, beta2, group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if len(state) == 0:
+                    _init_state(state, p, group["amsgrad"])
+                bucket_key = (p.device, p.dtype, group["amsgrad"], group["maximize"])
+                if bucket_key not in buckets:
+                    buckets[bucket_key] = _Bucket(*bucket_key)
+                buckets[bucket_key].add(p, state, group["lr"], hyper)
+        self.buckets = list(buckets.values())
+        for bucket in self.buckets:
+            bucket.finish()
+
+
 class _Bucket:
-    """The tensors of one (device, dtype, amsgrad, maximize) launch."""
+    """The tensors of one launch, with the per-step fast path: the step counts live in one flat
+    fp32 buffer (``state["step"]`` are 0-dim views of it: one ``add_`` per step instead of a
+    foreach over every tensor), and the kernel's tables are rebuilt only when an address moved."""
 
-    __slots__ = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "lrs",
-                 "hypers")
+    def __init__(self, device, dtype, amsgrad, maximize):
+        self.device, self.dtype, self.amsgrad, self.maximize = device, dtype, amsgrad, maximize
+        self.params, self.states, self.lrs, self.hypers = [], [], [], []
+        self.use_kernel = _uses_kernel(device) and dtype in _kernel.SUPPORTED_DTYPES
+        self.addresses = None
+        self.tables = None
 
-    def __init__(self):
-        for name in self.__slots__:
-            setattr(self, name, [])
-
-    def add(self, p, grad, state, lr, hyper):
+    def add(self, p, state, lr, hyper):
         self.params.append(p)
-        self.grads.append(grad)
-        self.exp_avgs.append(state["exp_avg"])
-        self.exp_avg_sqs.append(state["exp_avg_sq"])
-        self.max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
-        self.steps.append(state["step"])
+        self.states.append(state)
         self.lrs.append(lr)
         self.hypers.append(hyper)
+
+    def finish(self):
+        steps = [s["step"].detach().reshape(()).to(self.device, torch.float32)
+                 for s in self.states]
+        self.step_buffer = torch.stack(steps)
+        for i, state in enumerate(self.states):
+            state["step"] = self.step_buffer[i]
+        self.steps = [s["step"] for s in self.states]
+        self.exp_avgs = [s["exp_avg"] for s in self.states]
+        self.exp_avg_sqs = [s["exp_avg_sq"] for s in self.states]
+        self.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in self.states] if self.amsgrad else None
+        self.state_contiguous = all(
+            t.is_contiguous() for t in (*self.params, *self.exp_avgs, *self.exp_avg_sqs,
+                                        *(self.max_exp_avg_sqs or ())))
+
+    def step(self, tables_cache, *, grad_scale, found_inf, grad_mul):
+        grads = [p.grad for p in self.params]
+        # (a sparse grad is not contiguous: it takes the general path, which refuses it)
+        fast = self.use_kernel and self.state_contiguous and all(map(Tensor.is_contiguous, grads))
+        if not fast and any(g.is_sparse for g in grads):
+            raise RuntimeError("FusedAdamW does not support sparse gradients")
+        self.step_buffer.add_(1)
+        if fast:
+            # compare addresses; rebuild the tables only if one moved
+            addresses = (list(map(Tensor.data_ptr, self.params)),
+                         list(map(Tensor.data_ptr, grads)))
+            if addresses != self.addresses:
+                rows = _kernel.tensor_rows(self.params, grads, self.exp_avgs, self.exp_avg_sqs,
+                                           self.max_exp_avg_sqs, self.steps, self.lrs)
+                self.tables = _kernel.tables_for(rows, self.hypers, self.device, tables_cache)
+                self.addresses = addresses
+            _kernel.launch(self.tables, self.dtype, amsgrad=self.amsgrad, maximize=self.maximize,
+                           grad_scale=grad_scale, found_inf=found_inf, grad_mul=grad_mul)
+        else:
+            self.addresses = None
+            _update(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+                    self.steps, self.lrs, self.hypers, amsgrad=self.amsgrad,
+                    maximize=self.maximize, grad_scale=grad_scale, found_inf=found_inf,
+                    grad_mul=grad_mul, tables=tables_cache)
+        if found_inf is not None:  # a skipped step does not count
+            self.step_buffer.sub_(found_inf)
 
 
 def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
@@ -327,27 +384,21 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def _adamw_multi(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers, *,
-                 amsgrad, maximize, grad_scale, found_inf, grad_mul, tables):
-    """Steps one bucket: increment the step counts, update, undo the count on a skipped step."""
-    if not params:
-        return
-    torch._foreach_add_(steps, 1)
-    device = params[0].device
-    if _uses_kernel(device) and params[0].dtype in _kernel.SUPPORTED_DTYPES:
+def _update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers, *,
+            amsgrad, maximize, grad_scale, found_inf, grad_mul, tables):
+    """One update of same-device, same-dtype tensors whose steps are already incremented: the
+    kernel where it runs, else the torch reference."""
+    if _uses_kernel(params[0].device) and params[0].dtype in _kernel.SUPPORTED_DTYPES:
         _kernel_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers,
                      amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
                      found_inf=found_inf, grad_mul=grad_mul, tables=tables)
-    else:
-        for i, p in enumerate(params):
-            beta1, beta2, eps, wd = hypers[i]
-            adamw_step_reference_(
-                p, grads[i], exp_avgs[i], exp_avg_sqs[i],
-                max_exp_avg_sqs[i] if amsgrad else None, steps[i], lr=lrs[i], beta1=beta1,
-                beta2=beta2, eps=eps, weight_decay=wd, maximize=maximize, grad_scale=grad_scale,
-                found_inf=found_inf, clip_coef=grad_mul)
-    if found_inf is not None:
-        torch._foreach_sub_(steps, [found_inf] * len(steps))
+        return
+    for i, p in enumerate(params):
+        beta1, beta2, eps, wd = hypers[i]
+        adamw_step_reference_(
+            p, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+            steps[i], lr=lrs[i], beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+            maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, clip_coef=grad_mul)
 
 
 def _kernel_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs, hypers, *,
@@ -368,9 +419,10 @@ def _kernel_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, l
                 if lst is not None and not lst[i].is_contiguous():
                     write_back.append((lst[i], lst[i].contiguous()))
                     lst[i] = write_back[-1][1]
-    _kernel.adamw_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs,
-                         hypers, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
-                         found_inf=found_inf, grad_mul=grad_mul, cache=tables)
+    rows = _kernel.tensor_rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs)
+    _kernel.launch(_kernel.tables_for(rows, hypers, params[0].device, tables), params[0].dtype,
+                   amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+                   grad_mul=grad_mul)
     for original, working in write_back:
         original.copy_(working)
 
@@ -414,12 +466,17 @@ def fused_adamw(
         lr_tensor = (lr.to(device=device, dtype=torch.float32).reshape(())
                      if isinstance(lr, Tensor)
                      else torch.tensor(float(lr), dtype=torch.float32, device=device))
-        _adamw_multi(
+        steps = _pick(state_steps, idx)
+        device_found_inf = _on(found_inf, device)
+        torch._foreach_add_(steps, 1)
+        _update(
             _pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
-            _pick(max_exp_avg_sqs, idx) if amsgrad else None, _pick(state_steps, idx),
+            _pick(max_exp_avg_sqs, idx) if amsgrad else None, steps,
             [lr_tensor] * len(idx), [(beta1, beta2, eps, weight_decay)] * len(idx),
             amsgrad=amsgrad, maximize=maximize, grad_scale=_on(grad_scale, device),
-            found_inf=_on(found_inf, device), grad_mul=None, tables=_FUNCTIONAL_TABLES)
+            found_inf=device_found_inf, grad_mul=None, tables=_FUNCTIONAL_TABLES)
+        if device_found_inf is not None:  # a skipped step does not count
+            torch._foreach_sub_(steps, [device_found_inf] * len(steps))
 
 
 def _pick(xs: list, idx: list[int]) -> list:

@@ -204,43 +204,25 @@ def _build_tables(rows: list[tuple[int, ...]], hypers: list[tuple[float, ...]],
     return tensors, hyper, blocks
 
 
-def adamw_launch(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor] | None,
-    steps: list[torch.Tensor],
-    lrs: list[torch.Tensor],
-    hyperparameters: list[tuple[float, float, float, float]],
-    *,
-    amsgrad: bool,
-    maximize: bool,
-    grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    grad_mul: torch.Tensor | None,
-    cache: TableCache,
-) -> None:
-    """One kernel launch over same-device, same-dtype tensors (steps already incremented).
-
-    ``hyperparameters[i]`` is ``(beta1, beta2, eps, weight_decay)`` of tensor i's group. Every
-    tensor must be non-overlapping and dense with the same strides as its grad and state (the
-    caller hands over contiguous copies otherwise).
-    """
-    global launches
-    if not params:
-        return
-    device = params[0].device
-    dtype = params[0].dtype
+def tensor_rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs):
+    """One table row per tensor: the addresses the kernel loads through, and the element count."""
     if max_exp_avg_sqs is None:
         max_exp_avg_sqs = exp_avg_sqs  # never read: AMSGRAD is off
-    rows = [
+    return [
         (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vm.data_ptr(), s.data_ptr(),
          lr.data_ptr(), p.numel())
         for p, g, m, v, vm, s, lr in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                          steps, lrs)
     ]
-    key = (device, dtype, tuple(rows), tuple(hyperparameters))
+
+
+def tables_for(rows: list[tuple[int, ...]], hyperparameters: list[tuple[float, ...]],
+               device: torch.device, cache: TableCache) -> tuple:
+    """The kernel's device tables for these rows (from ``cache`` when seen before).
+
+    ``hyperparameters[i]`` is ``(beta1, beta2, eps, weight_decay)`` of tensor i's group.
+    """
+    key = (device, tuple(rows), tuple(hyperparameters))
 
     def build():
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -251,9 +233,18 @@ def adamw_launch(
                    math.log(b2) if b2 > 0 else -math.inf, eps, wd, 0.0, 0.0)
                   for b1, b2, eps, wd in hyperparameters]
         aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
-        return (*_build_tables(rows, hypers, device), aligned)
+        weight_decay = any(h[3] != 0.0 for h in hyperparameters)
+        return (*_build_tables(rows, hypers, device), aligned, weight_decay)
 
-    tensors, hypers, blocks, aligned = cache.get(key, build)
+    return cache.get(key, build)
+
+
+def launch(tables: tuple, dtype: torch.dtype, *, amsgrad: bool, maximize: bool,
+           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+           grad_mul: torch.Tensor | None) -> None:
+    """One kernel launch over the tensors ``tables`` describe (steps already incremented)."""
+    global launches
+    tensors, hypers, blocks, aligned, weight_decay = tables
     n_programs = blocks.shape[0]
     if n_programs == 0:
         return
@@ -268,7 +259,7 @@ def adamw_launch(
         ALIGNED=aligned,
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
-        WEIGHT_DECAY=any(h[3] != 0.0 for h in hyperparameters),
+        WEIGHT_DECAY=weight_decay,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
         HAS_GRAD_MUL=grad_mul is not None,
