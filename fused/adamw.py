@@ -98,6 +98,7 @@ class FusedAdamW(Optimizer):
                         maximize=maximize)
         self._lr_tensors: list[Tensor] = []
         self._plan: _Plan | None = None
+        self._clip_coef: Tensor | None = None
         self._tables = _kernel.TableCache() if _kernel is not None else None
         super().__init__(params, defaults)
         # GradScaler: hand grad_scale / found_inf to step() instead of unscaling the grads itself
@@ -176,8 +177,72 @@ class FusedAdamW(Optimizer):
         return self._plan
 
     def _take_grad_mul(self) -> Tensor | None:
-        """A factor for every grad of the next step (e.g. a pending clip coefficient); hook."""
-        return None
+        """The clip coefficient left by :meth:`clip_grad_norm_` for this step (then cleared)."""
+        coef, self._clip_coef = self._clip_coef, None
+        return coef
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False, *, grad_scaler=None) -> Tensor:
+        r"""Clips the gradient norm of this optimizer's params inside the next :meth:`step`.
+
+        Call it where ``torch.nn.utils.clip_grad_norm_`` goes (after backward, before
+        ``step()``). One multi-tensor pass computes the total norm on the device; the next
+        ``step()`` multiplies every grad by ``clamp(max_norm / (total_norm + 1e-6), max=1)``
+        as it loads it, so the grads are never rewritten and nothing is read on the host. The
+        grads themselves stay unclipped until then (the step applies the clip).
+
+        Same result as ``torch.nn.utils.clip_grad_norm_`` followed by the step, non-finite norms
+        included: a NaN/inf total norm gives a NaN/0 coefficient exactly as there (with
+        ``GradScaler`` such a step is skipped anyway). With FSDP2 (DTensor params sharded over
+        a mesh) the p-th power sums are all-reduced across ranks, asynchronously on the device.
+
+        Args:
+            max_norm (float): max norm of the gradients
+            norm_type (float): type of the p-norm; ``inf`` for the max norm (default: 2.0)
+            error_if_nonfinite (bool): raise if the total norm is NaN or inf; this reads the
+                norm on the host, i.e. synchronizes (default: False)
+            grad_scaler (torch.amp.GradScaler, optional): the grads are still scaled by it (no
+                ``unscale_`` call): the norm is divided by its scale on the device, and the
+                step unscales the grads as it loads them (default: None)
+
+        Returns:
+            Tensor: the total norm of the (unscaled) gradients, a 0-dim device tensor.
+        """
+        max_norm = float(max_norm)
+        norm_type = float(norm_type)
+        if not (norm_type > 0.0):
+            raise ValueError(f"Invalid norm_type: {norm_type} (expected a p > 0 or inf)")
+        if not (max_norm >= 0.0):
+            raise ValueError(f"Invalid max_norm: {max_norm}")
+        parts = [part for bucket in self._current_plan().buckets
+                 for part in bucket.norm_parts(self._tables, norm_type)]
+        if not parts:
+            self._clip_coef = None
+            return torch.zeros(())
+        device = parts[0][0].device
+        totals = []
+        for group in dict.fromkeys(g for _, g in parts):
+            values = torch.stack([v.to(device) for v, g in parts if g is group])
+            total = values.max() if norm_type == math.inf else values.sum()
+            if group is not None:  # FSDP2 shards: combine across ranks, still on the device
+                import torch.distributed as dist
+
+                op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
+                dist.all_reduce(total, op=op, group=group)
+            totals.append(total)
+        totals = torch.stack(totals)
+        total_norm = (totals.max() if norm_type == math.inf
+                      else totals.sum().pow(1.0 / norm_type))
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            total_norm = total_norm / grad_scaler._get_scale_async().to(device)
+        if error_if_nonfinite and not torch.isfinite(total_norm):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the "
+                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        self._clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        return total_norm
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -248,7 +313,9 @@ class _Plan:
 class _Bucket:
     """The tensors of one launch, with the per-step fast path: the step counts live in one flat
     fp32 buffer (``state["step"]`` are 0-dim views of it: one ``add_`` per step instead of a
-    foreach over every tensor), and the kernel's tables are rebuilt only when an address moved."""
+    foreach over every tensor), and the kernel's tables are rebuilt only when an address moved.
+
+    DTensor params (FSDP2) are stepped through their local shards."""
 
     def __init__(self, device, dtype, amsgrad, maximize):
         self.device, self.dtype, self.amsgrad, self.maximize = device, dtype, amsgrad, maximize
@@ -270,39 +337,98 @@ class _Bucket:
         for i, state in enumerate(self.states):
             state["step"] = self.step_buffer[i]
         self.steps = [s["step"] for s in self.states]
-        self.exp_avgs = [s["exp_avg"] for s in self.states]
-        self.exp_avg_sqs = [s["exp_avg_sq"] for s in self.states]
-        self.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in self.states] if self.amsgrad else None
+        self.sharded = [_sharding_group(p) for p in self.params]
+        self.distributed = any(_is_dtensor(p) for p in self.params)
+        self.locals = [_local(p) for p in self.params]
+        self.exp_avgs = [_local(s["exp_avg"]) for s in self.states]
+        self.exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in self.states]
+        self.max_exp_avg_sqs = ([_local(s["max_exp_avg_sq"]) for s in self.states]
+                                if self.amsgrad else None)
         self.state_contiguous = all(
-            t.is_contiguous() for t in (*self.params, *self.exp_avgs, *self.exp_avg_sqs,
+            t.is_contiguous() for t in (*self.locals, *self.exp_avgs, *self.exp_avg_sqs,
                                         *(self.max_exp_avg_sqs or ())))
 
-    def step(self, tables_cache, *, grad_scale, found_inf, grad_mul):
+    def grads(self) -> tuple[list[Tensor], bool]:
+        """This step's (local) grads, and whether the fast path takes them."""
         grads = [p.grad for p in self.params]
+        if self.distributed:
+            grads = [_local(g) for g in grads]
         # (a sparse grad is not contiguous: it takes the general path, which refuses it)
         fast = self.use_kernel and self.state_contiguous and all(map(Tensor.is_contiguous, grads))
         if not fast and any(g.is_sparse for g in grads):
             raise RuntimeError("FusedAdamW does not support sparse gradients")
+        return grads, fast
+
+    def refresh_tables(self, grads: list[Tensor], cache) -> tuple:
+        """The kernel's tables for these grads; rebuilt only if an address moved."""
+        addresses = (list(map(Tensor.data_ptr, self.locals)), list(map(Tensor.data_ptr, grads)))
+        if addresses != self.addresses:
+            rows = _kernel.tensor_rows(self.locals, grads, self.exp_avgs, self.exp_avg_sqs,
+                                       self.max_exp_avg_sqs, self.steps, self.lrs)
+            self.tables = _kernel.tables_for(rows, self.hypers, self.device, cache)
+            self.addresses = addresses
+        return self.tables
+
+    def step(self, tables_cache, *, grad_scale, found_inf, grad_mul):
+        grads, fast = self.grads()
         self.step_buffer.add_(1)
         if fast:
-            # compare addresses; rebuild the tables only if one moved
-            addresses = (list(map(Tensor.data_ptr, self.params)),
-                         list(map(Tensor.data_ptr, grads)))
-            if addresses != self.addresses:
-                rows = _kernel.tensor_rows(self.params, grads, self.exp_avgs, self.exp_avg_sqs,
-                                           self.max_exp_avg_sqs, self.steps, self.lrs)
-                self.tables = _kernel.tables_for(rows, self.hypers, self.device, tables_cache)
-                self.addresses = addresses
-            _kernel.launch(self.tables, self.dtype, amsgrad=self.amsgrad, maximize=self.maximize,
-                           grad_scale=grad_scale, found_inf=found_inf, grad_mul=grad_mul)
+            _kernel.launch(self.refresh_tables(grads, tables_cache), self.dtype,
+                           amsgrad=self.amsgrad, maximize=self.maximize, grad_scale=grad_scale,
+                           found_inf=found_inf, grad_mul=grad_mul)
         else:
             self.addresses = None
-            _update(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
+            _update(self.locals, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
                     self.steps, self.lrs, self.hypers, amsgrad=self.amsgrad,
                     maximize=self.maximize, grad_scale=grad_scale, found_inf=found_inf,
                     grad_mul=grad_mul, tables=tables_cache)
         if found_inf is not None:  # a skipped step does not count
             self.step_buffer.sub_(found_inf)
+
+    def norm_parts(self, tables_cache, norm_type: float) -> list[tuple[Tensor, object]]:
+        """(Σ|g|^p or max |g|, process group to all-reduce over or None) per sharding group."""
+        grads, fast = self.grads()
+        parts = []
+        for group in dict.fromkeys(self.sharded):
+            idx = [i for i, g in enumerate(self.sharded) if g is group]
+            if fast and len(idx) == len(grads):
+                partial = _kernel.grad_norm_partials(self.refresh_tables(grads, tables_cache),
+                                                     self.dtype, norm_type)
+                if partial.numel() == 0:  # only zero-size grads
+                    part = torch.zeros((), device=self.device)
+                else:
+                    part = partial.max() if norm_type == math.inf else partial.sum()
+            else:
+                norms = torch.stack([torch.linalg.vector_norm(grads[i].float(), norm_type)
+                                     for i in idx]) if idx else torch.zeros(1, device=self.device)
+                part = norms.max() if norm_type == math.inf else norms.pow(norm_type).sum()
+            parts.append((part, group))
+        return parts
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "_local_tensor")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (sharing its storage); any other tensor as it is."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def _sharding_group(p: Tensor):
+    """The process group whose ranks hold different shards of ``p`` (FSDP2), else None."""
+    if not _is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh = p.device_mesh
+    dims = [d for d, placement in enumerate(p.placements) if isinstance(placement, Shard)]
+    if not dims:
+        return None
+    if len(dims) > 1 or mesh.ndim > 1 and len(dims) != 1:
+        raise NotImplementedError("FusedAdamW.clip_grad_norm_: params sharded over more than one "
+                                  "mesh dimension are not supported")
+    return mesh.get_group(dims[0])
 
 
 def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:

@@ -166,6 +166,41 @@ def _adamw_kernel(
                          AMSGRAD, MAXIMIZE, WEIGHT_DECAY, HAS_GRAD_SCALE, HAS_GRAD_MUL)
 
 
+NORM_L1, NORM_L2, NORM_INF, NORM_P = 1, 2, 3, 0
+
+
+@triton.jit
+def _grad_norm_kernel(
+    tensors_ptr,  # the AdamW kernel's tensor table: grad address in column 1, numel in column 7
+    blocks_ptr,  # int32 [n_programs, 2]: tensor index, chunk index (the same block map)
+    partial_ptr,  # fp32 [n_programs]: this program's Σ|g|^p (or max |g| for the inf-norm)
+    norm_type,  # p, for NORM == NORM_P
+    GRAD_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
+    row = tensors_ptr + tensor * 8
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD_DTYPE))
+    numel = tl.load(row + 7)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64, as in the step kernel
+    a = tl.abs(tl.load(grad_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32))
+    if NORM == 3:
+        # max drops NaN: count them so a NaN grad gives a NaN norm, as torch's does
+        nans = tl.sum((a != a).to(tl.int32), axis=0)
+        result = tl.where(nans > 0, float("nan"), tl.max(a, axis=0))
+    elif NORM == 2:
+        result = tl.sum(a * a, axis=0)
+    elif NORM == 1:
+        result = tl.sum(a, axis=0)
+    else:
+        a_pos = tl.where(a > 0, a, 1.0)  # log2(0) is -inf: keep it out of the arithmetic
+        result = tl.sum(tl.where(a > 0, tl.exp2(norm_type * tl.log2(a_pos)), 0.0), axis=0)
+    tl.store(partial_ptr + pid, result)
+
+
 class TableCache:
     """The kernel's device tables, keyed by the tensors' addresses and the hyperparameters.
 
@@ -266,3 +301,19 @@ def launch(tables: tuple, dtype: torch.dtype, *, amsgrad: bool, maximize: bool,
         num_warps=NUM_WARPS,
     )
     launches += 1
+
+
+def grad_norm_partials(tables: tuple, dtype: torch.dtype, norm_type: float) -> torch.Tensor:
+    """One launch over the grads ``tables`` describe: per-program Σ|g|^p (max |g| for inf)."""
+    global launches
+    tensors, _, blocks, _, _ = tables
+    n_programs = blocks.shape[0]
+    partial = torch.empty(n_programs, dtype=torch.float32, device=tensors.device)
+    if n_programs == 0:
+        return partial
+    kind = {1.0: NORM_L1, 2.0: NORM_L2, math.inf: NORM_INF}.get(float(norm_type), NORM_P)
+    _grad_norm_kernel[(n_programs,)](tensors, blocks, partial, float(norm_type),
+                                     GRAD_DTYPE=_TL_DTYPES[dtype], BLOCK=BLOCK, NORM=kind,
+                                     num_warps=NUM_WARPS)
+    launches += 1
+    return partial
