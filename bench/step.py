@@ -123,6 +123,59 @@ def run(sets=None, dtypes=None, impls=None, quick: bool = False) -> dict:
     result = {"copy_bandwidth_GBps": bandwidth, "rows": rows}
     write_json("step", result)
     _plot(rows, bandwidth)
+    result["clip"] = run_clip(quick=quick, bandwidth=bandwidth)
+    return result
+
+
+def run_clip(sets=("gpt2-124m", "flat-1e9"), quick: bool = False,
+             bandwidth: float | None = None) -> dict:
+    """Global-norm clip + step: ``clip_grad_norm_(foreach=True)`` + ``AdamW(fused=True)`` (a norm
+    pass, a pass rewriting the grads, the step: ≥ 40 bytes/param in fp32) against
+    ``FusedAdamW.clip_grad_norm_`` + ``step()`` (a norm pass, the step applying the clip: 32)."""
+    from triton.testing import do_bench
+
+    from fused import FusedAdamW
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    bandwidth = bandwidth or copy_bandwidth()
+    rows = []
+    for set_name in sets:
+        shapes = PARAM_SETS[set_name]()
+        n = numel(shapes)
+        cases = {
+            "torch clip_grad_norm_(foreach) + AdamW(fused)": (
+                lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+                lambda opt, ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True), 40),
+            "FusedAdamW.clip_grad_norm_ + step": (
+                lambda ps: FusedAdamW(ps, lr=1e-3),
+                lambda opt, ps: opt.clip_grad_norm_(1.0), 32),
+        }
+        base_ms = None
+        for name, (make, clip, nbytes) in cases.items():
+            params = make_params(shapes, device="cuda")
+            opt = make(params)
+
+            def step(opt=opt, params=params, clip=clip):
+                clip(opt, params)
+                opt.step()
+
+            step()
+            ms = do_bench(step, warmup=50 if quick else 200, rep=200 if quick else 1000,
+                          return_mode="median")
+            base_ms = base_ms or ms
+            gbps = nbytes * n / (ms * 1e-3) / 1e9
+            rows.append({"set": set_name, "pipeline": name, "ms": ms, "bytes/param": nbytes,
+                         "GB/s": gbps, "of copy BW": gbps / bandwidth,
+                         "vs torch": ms / base_ms})
+            log(f"clip {set_name} {name}: {ms:.3f} ms")
+            del opt, params
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(format_table(rows, ["set", "pipeline", "ms", "bytes/param", "GB/s", "of copy BW",
+                              "vs torch"]))
+    result = {"copy_bandwidth_GBps": bandwidth, "rows": rows}
+    write_json("clip_step", result)
     return result
 
 

@@ -141,6 +141,9 @@ class FusedAdamW(Optimizer):
         return own
 
     # ---------------------------------------------------------------- the step
+    # torch.compile: the step is one opaque launch per bucket, kept out of compiled graphs, so a
+    # compiled training step graph-breaks here and never guards on (or recompiles for) the LR.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """Performs a single optimization step.
@@ -181,6 +184,7 @@ class FusedAdamW(Optimizer):
         coef, self._clip_coef = self._clip_coef, None
         return coef
 
+    @torch.compiler.disable
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False, *, grad_scaler=None) -> Tensor:

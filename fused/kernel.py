@@ -262,8 +262,10 @@ def tables_for(rows: list[tuple[int, ...]], hyperparameters: list[tuple[float, .
     def build():
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "FusedAdamW: the tensors changed (new grads or params) during CUDA graph capture; "
-                "run one eager step with the same tensors before capturing")
+                "FusedAdamW: new tensor addresses during CUDA graph capture (the tables that "
+                "describe them cannot be uploaded inside a capture). Run an eager step with the "
+                "same tensors before capturing, and keep the grads allocated across the capture: "
+                "opt.zero_grad(set_to_none=False) inside the captured region, not set_to_none")
         hypers = [(b1, b2, math.log(b1) if b1 > 0 else -math.inf,
                    math.log(b2) if b2 > 0 else -math.inf, eps, wd, 0.0, 0.0)
                   for b1, b2, eps, wd in hyperparameters]
