@@ -1,0 +1,236 @@
+"""FusedAdamW under DistributedDataParallel and FSDP2, two CPU processes over gloo.
+
+Each test spawns two ranks that train a small model on their half of every batch (FusedAdamW +
+GradualWarmupScheduler + ``opt.clip_grad_norm_``) and write their results to ``tmp_path``; the
+parent then trains the same model on the full batches in one process with ``torch.optim.AdamW``
+and ``torch.nn.utils.clip_grad_norm_`` and compares. Mean losses make the two equivalent: the
+average of the per-rank half-batch means is the full-batch mean.
+
+The ranks set ``TRITON_INTERPRET=1`` before importing ``fused``, so the real Triton kernels (the
+step and the norm reduction) run in the interpreter on the CPU shards; each rank reports how many
+launches it made and the parent checks that they happened. Run with::
+
+    .venv/bin/python -m pytest tests/test_distributed.py -v
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+WORLD = 2
+STEPS = 6
+BATCH = 16  # 8 rows per rank
+LR = 1e-2
+WEIGHT_DECAY = 0.1
+MAX_NORM = 0.05  # well under the grad norms of this model: every step clips
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+# ------------------------------------------------------------------------------ shared pieces
+def _make_model() -> nn.Module:
+    """Same init everywhere. Odd widths: FSDP2's dim-0 shards come out uneven (17/16, 4/3,
+    2/1 rows), so the padded last shard is exercised."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 7), nn.Tanh(),
+                         nn.Linear(7, 3))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 12, generator=gen)
+    y = torch.randn(BATCH, 3, generator=gen)
+    return x, y
+
+
+def _make_scheduler(opt):
+    from warmup import GradualWarmupScheduler
+
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
+    return GradualWarmupScheduler(opt, multiplier=1, total_epoch=3, after_scheduler=cosine,
+                                  start_factor=0.1)
+
+
+def _reference(norm_type: float) -> dict:
+    """Single process, full batch: torch.optim.AdamW + torch's clip, same scheduler."""
+    model = _make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, foreach=False)
+    sched = _make_scheduler(opt)
+    norms, losses = [], []
+    for step in range(STEPS):
+        x, y = _batch(step)
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        norms.append(nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, norm_type,
+                                              foreach=False))
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    return {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "norms": torch.stack(norms), "losses": torch.stack(losses), "model": model,
+            "opt": opt}
+
+
+def _spawn(worker, tmp_path: Path, *args) -> list[dict]:
+    """Runs ``worker(rank, init_method, out_dir, *args)`` on WORLD ranks; their results."""
+    init_method = (tmp_path / "rendezvous").resolve().as_uri()
+    mp.spawn(worker, args=(init_method, str(tmp_path), *args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _init_rank(rank: int, init_method: str) -> None:
+    # before `fused` is imported: triton.jit picks the interpreter at decoration time
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)  # two ranks on a small CPU box: no oversubscription
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def _check_launches(results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        assert res["interpreted"], f"rank {rank} did not run the kernel in the interpreter"
+        # per step: one norm-reduction launch and one AdamW launch (one fp32 CPU bucket)
+        assert res["launches"] == 2 * STEPS, (rank, res["launches"])
+
+
+# ------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, init_method: str, out_dir: str, norm_type: float) -> None:
+    _init_rank(rank, init_method)
+    try:
+        import fused.kernel as fk
+        from fused import FusedAdamW
+
+        model = _make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = FusedAdamW(ddp.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        sched = _make_scheduler(opt)
+        launches_before = fk.launches
+        norms, losses = [], []
+        for step in range(STEPS):
+            x, y = (t.chunk(WORLD)[rank] for t in _batch(step))
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(ddp(x), y)
+            loss.backward()  # DDP all-reduces (averages) the grads here
+            norms.append(opt.clip_grad_norm_(MAX_NORM, norm_type))
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+        torch.save({"params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                    "norms": torch.stack(norms), "losses": torch.stack(losses),
+                    "launches": fk.launches - launches_before,
+                    "interpreted": fk.interpreter_enabled()},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+def test_ddp_matches_single_process(tmp_path, norm_type):
+    results = _spawn(_ddp_worker, tmp_path, norm_type)
+    _check_launches(results)
+    ref = _reference(norm_type)
+    assert (ref["norms"] > MAX_NORM).all(), "the test must clip on every step"
+    rank0, rank1 = results
+    for name, p in rank0["params"].items():
+        # same all-reduced grads, same kernel: the replicas stay bitwise identical
+        assert torch.equal(p, rank1["params"][name]), name
+        torch.testing.assert_close(p, ref["params"][name], rtol=1e-5, atol=1e-6)
+    for res in results:
+        torch.testing.assert_close(res["norms"], ref["norms"], rtol=1e-5, atol=0)
+    # the mean of the half-batch losses is the full-batch loss
+    torch.testing.assert_close((rank0["losses"] + rank1["losses"]) / 2, ref["losses"],
+                               rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ FSDP2
+def _fsdp_worker(rank: int, init_method: str, out_dir: str, norm_type: float) -> None:
+    _init_rank(rank, init_method)
+    try:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+        from torch.distributed.fsdp import fully_shard
+
+        import fused.kernel as fk
+        from fused import FusedAdamW
+
+        model = _make_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        sched = _make_scheduler(opt)
+        launches_before = fk.launches
+        norms, losses = [], []
+        for step in range(STEPS):
+            x, y = (t.chunk(WORLD)[rank] for t in _batch(step))
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), y)
+            loss.backward()  # FSDP2 reduce-scatters (averages) the grads into sharded DTensors
+            # the shards' |g|^p sums are all-reduced across the ranks inside
+            norms.append(opt.clip_grad_norm_(MAX_NORM, norm_type))
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+        launches = fk.launches - launches_before
+        shard_shapes = {k: tuple(v.to_local().shape) for k, v in model.named_parameters()}
+        params = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
+        # optimizer state gathered into full tensors keyed by parameter FQN
+        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+        state = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                       for k, v in s.items()}
+                 for fqn, s in osd["state"].items()}
+        torch.save({"params": params, "norms": torch.stack(norms), "losses": torch.stack(losses),
+                    "launches": launches, "interpreted": fk.interpreter_enabled(),
+                    "shard_shapes": shard_shapes, "state": state,
+                    "lr": float(osd["param_groups"][0]["lr"])},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+def test_fsdp2_matches_single_process(tmp_path, norm_type):
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2 (fully_shard)")
+    results = _spawn(_fsdp_worker, tmp_path, norm_type)
+    _check_launches(results)
+    ref = _reference(norm_type)
+    assert (ref["norms"] > MAX_NORM).all(), "the test must clip on every step"
+    rank0, rank1 = results
+    # really sharded, unevenly: the ranks hold different (and differently sized) pieces
+    assert rank0["shard_shapes"]["0.weight"] == (17, 12)
+    assert rank1["shard_shapes"]["0.weight"] == (16, 12)
+    assert rank1["shard_shapes"]["4.bias"] == (1,)
+    for name, p in ref["params"].items():
+        for res in results:
+            torch.testing.assert_close(res["params"][name], p, rtol=1e-5, atol=1e-6)
+    for res in results:
+        # the all-reduced total norm equals the single-process norm, on every rank
+        torch.testing.assert_close(res["norms"], ref["norms"], rtol=1e-5, atol=0)
+    torch.testing.assert_close((rank0["losses"] + rank1["losses"]) / 2, ref["losses"],
+                               rtol=1e-5, atol=1e-7)
+    # gathered optimizer state: torch.optim.AdamW's keys and values, full (unsharded) shapes
+    ref_state = ref["opt"].state
+    for name, p in ref["model"].named_parameters():
+        theirs = ref_state[p]
+        for res in results:
+            ours = res["state"][name]
+            assert float(ours["step"]) == float(theirs["step"]) == STEPS
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-8)
+    for res in results:
+        assert res["lr"] == pytest.approx(ref["opt"].param_groups[0]["lr"], rel=1e-6)
