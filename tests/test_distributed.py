@@ -234,3 +234,77 @@ def test_fsdp2_matches_single_process(tmp_path, norm_type):
                 torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-8)
     for res in results:
         assert res["lr"] == pytest.approx(ref["opt"].param_groups[0]["lr"], rel=1e-6)
+
+
+def _fsdp_resume_worker(rank: int, init_method: str, out_dir: str) -> None:
+    """Train STEPS // 2 steps, checkpoint (full model + optimizer state dicts, scheduler state),
+    rebuild everything from scratch, load, and train the rest."""
+    _init_rank(rank, init_method)
+    try:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+        from torch.distributed.fsdp import fully_shard
+
+        from fused import FusedAdamW
+
+        def build():
+            model = _make_model()
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+            return model, opt, _make_scheduler(opt)
+
+        def train(model, opt, sched, steps):
+            for step in steps:
+                x, y = (t.chunk(WORLD)[rank] for t in _batch(step))
+                opt.zero_grad(set_to_none=True)
+                F.mse_loss(model(x), y).backward()
+                opt.clip_grad_norm_(MAX_NORM)
+                opt.step()
+                sched.step()
+
+        model, opt, sched = build()
+        train(model, opt, sched, range(STEPS // 2))
+        options = StateDictOptions(full_state_dict=True)
+        checkpoint = {"model": get_model_state_dict(model, options=options),
+                      "optim": get_optimizer_state_dict(model, opt, options=options),
+                      "sched": sched.state_dict()}
+        with torch.no_grad():  # a fresh model must not start from the trained weights
+            for p in model.parameters():
+                p.zero_()
+        del model, opt, sched
+
+        model, opt, sched = build()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+        set_model_state_dict(model, checkpoint["model"], options=options)
+        set_optimizer_state_dict(model, opt, checkpoint["optim"], options=options)
+        sched.load_state_dict(checkpoint["sched"])
+        lr_tensor = opt.param_groups[0]["lr"]
+        train(model, opt, sched, range(STEPS // 2, STEPS))
+        assert opt.param_groups[0]["lr"] is lr_tensor  # still the device tensor, never rebound
+        torch.save({"params": {k: v.full_tensor().detach().clone()
+                               for k, v in model.named_parameters()},
+                    "steps": [float(opt.state[p]["step"]) for p in model.parameters()]},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_checkpoint_resume_matches_uninterrupted(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2 (fully_shard)")
+    results = _spawn(_fsdp_resume_worker, tmp_path)
+    ref = _reference(2.0)
+    for res in results:
+        assert res["steps"] == [float(STEPS)] * len(res["steps"])
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(res["params"][name], p, rtol=1e-5, atol=1e-6)
