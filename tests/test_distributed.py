@@ -106,23 +106,28 @@ def _check_launches(results: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------ DDP
-def _ddp_worker(rank: int, init_method: str, out_dir: str, norm_type: float) -> None:
+def _ddp_worker(rank: int, init_method: str, out_dir: str, norm_type: float,
+                bucket_view: bool) -> None:
     _init_rank(rank, init_method)
     try:
         import fused.kernel as fk
         from fused import FusedAdamW
 
         model = _make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
+        # gradient_as_bucket_view: the grads are views into DDP's all-reduce buckets, so their
+        # addresses never move and FusedAdamW's pointer tables are built once
+        ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
         opt = FusedAdamW(ddp.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         sched = _make_scheduler(opt)
         launches_before = fk.launches
-        norms, losses = [], []
+        norms, losses, addresses = [], [], set()
         for step in range(STEPS):
             x, y = (t.chunk(WORLD)[rank] for t in _batch(step))
             opt.zero_grad(set_to_none=True)
             loss = F.mse_loss(ddp(x), y)
             loss.backward()  # DDP all-reduces (averages) the grads here
+            if step > 0:  # DDP rebuilds its buckets (in backward order) after iteration 0
+                addresses.add(tuple(p.grad.data_ptr() for p in model.parameters()))
             norms.append(opt.clip_grad_norm_(MAX_NORM, norm_type))
             opt.step()
             sched.step()
@@ -130,18 +135,21 @@ def _ddp_worker(rank: int, init_method: str, out_dir: str, norm_type: float) -> 
         torch.save({"params": {k: v.detach().clone() for k, v in model.named_parameters()},
                     "norms": torch.stack(norms), "losses": torch.stack(losses),
                     "launches": fk.launches - launches_before,
-                    "interpreted": fk.interpreter_enabled()},
+                    "interpreted": fk.interpreter_enabled(), "grad_addresses": len(addresses)},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
-def test_ddp_matches_single_process(tmp_path, norm_type):
-    results = _spawn(_ddp_worker, tmp_path, norm_type)
+@pytest.mark.parametrize(("norm_type", "bucket_view"), [(2.0, False), (math.inf, True)],
+                         ids=["l2", "inf-bucket-view"])
+def test_ddp_matches_single_process(tmp_path, norm_type, bucket_view):
+    results = _spawn(_ddp_worker, tmp_path, norm_type, bucket_view)
     _check_launches(results)
     ref = _reference(norm_type)
     assert (ref["norms"] > MAX_NORM).all(), "the test must clip on every step"
+    if bucket_view:  # the grads stayed where DDP put them, even with set_to_none=True
+        assert [res["grad_addresses"] for res in results] == [1, 1]
     rank0, rank1 = results
     for name, p in rank0["params"].items():
         # same all-reduced grads, same kernel: the replicas stay bitwise identical
