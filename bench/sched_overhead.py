@@ -91,7 +91,7 @@ CASES: list[tuple[str, Callable | None]] = [
     ("warmup_scheduler 0.3 + CosineAnnealingLR",
      _reference_cosine if ReferenceWarmupScheduler else None),
     ("torch SequentialLR(LinearLR, CosineAnnealingLR)", _torch_sequential),
-    ("torch LinearLR alone (floor)", _torch_linear),
+    ("torch LinearLR alone (warmup only)", _torch_linear),
 ]
 
 
