@@ -316,3 +316,77 @@ def test_fsdp2_checkpoint_resume_matches_uninterrupted(tmp_path):
         assert res["steps"] == [float(STEPS)] * len(res["steps"])
         for name, p in ref["params"].items():
             torch.testing.assert_close(res["params"][name], p, rtol=1e-5, atol=1e-6)
+
+
+SCALER_STEPS = 4
+OVERFLOW_STEP = 1  # rank 0 plants an inf in its own shard of the first weight's grad
+
+
+def _fsdp_scaler_worker(rank: int, init_method: str, out_dir: str) -> None:
+    _init_rank(rank, init_method)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        from fused import FusedAdamW
+
+        model = _make_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        first = next(model.parameters())
+        scales, steps, norms = [], [], []
+        for step in range(SCALER_STEPS):
+            x, y = (t.chunk(WORLD)[rank] for t in _batch(step))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(F.mse_loss(model(x), y)).backward()
+            if step == OVERFLOW_STEP and rank == 0:
+                with torch.no_grad():
+                    first.grad.to_local()[0, 0] = math.inf  # global element [0, 0]
+            norms.append(opt.clip_grad_norm_(MAX_NORM, grad_scaler=scaler))
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+            steps.append(float(opt.state[first]["step"]))
+        torch.save({"params": {k: v.full_tensor().detach().clone()
+                               for k, v in model.named_parameters()},
+                    "scales": scales, "steps": steps, "norms": torch.stack(norms)},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_grad_scaler_overflow_on_one_rank_skips_on_all(tmp_path):
+    """An inf in one rank's shard: every rank sees an inf norm and skips the step (the
+    DTensor grads' inf check and our norm all-reduce both cover the whole gradient), and the
+    run equals torch.optim.AdamW + GradScaler (unscale_, clip, step) in one process."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2 (fully_shard)")
+    results = _spawn(_fsdp_scaler_worker, tmp_path)
+    model = _make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scales, norms = [], []
+    for step in range(SCALER_STEPS):
+        x, y = _batch(step)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        if step == OVERFLOW_STEP:
+            with torch.no_grad():
+                model[0].weight.grad[0, 0] = math.inf
+        scaler.unscale_(opt)
+        norms.append(nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=False))
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales == [2.0**10, 2.0**9, 2.0**9, 2.0**9]
+    for res in results:
+        assert res["scales"] == scales
+        assert res["steps"] == [1.0, 1.0, 2.0, 3.0]  # the overflow step did not count
+        assert math.isinf(res["norms"][OVERFLOW_STEP])
+        finite = [i for i in range(SCALER_STEPS) if i != OVERFLOW_STEP]
+        torch.testing.assert_close(res["norms"][finite], torch.stack(norms)[finite], rtol=1e-5,
+                                   atol=0)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(res["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
