@@ -161,7 +161,8 @@ def test_param_groups_one_launch_per_dtype(device):
 @kernel_only
 @pytest.mark.parametrize("device", DEVICES)
 def test_launch_count_gpt2_like(device):
-    """148 tensors of a GPT-2 layout (scaled down) step in one launch, plus the step counts."""
+    """148 tensors of a GPT-2 layout (scaled down) step in one kernel launch (on CUDA the
+    profiler sees exactly two: that kernel and the step-count add_)."""
     from bench.param_sets import gpt2_124m_shapes
 
     shapes = [tuple(max(1, d // 64) for d in s) for s in gpt2_124m_shapes()]
@@ -181,8 +182,8 @@ def test_launch_count_gpt2_like(device):
             opt.step()
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        # the AdamW kernel + torch._foreach_add_ on the 148 step counts (a few launches)
-        assert 1 <= len(kernels) <= 6, [e.name for e in kernels]
+        # the step-count add_ on the bucket's flat buffer + the AdamW kernel
+        assert len(kernels) == 2, [e.name for e in kernels]
 
 
 @pytest.mark.parametrize("device", DEVICES)
