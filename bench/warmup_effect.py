@@ -138,7 +138,7 @@ def _goyal_run(arm: str, seed: int, cfg: dict, data: dict, device: torch.device)
             "val_loss": [v[0] for v in val_curve], "val_error": [v[1] for v in val_curve],
             "final_train_loss": statistics.fmean(curve_loss[-cfg["points_per_epoch"]:]),
             "final_val_loss": final[0], "final_val_error": final[1],
-            "lr": lrs[:: max(1, len(lrs) // 400)], "iterations": total, "batch": batch}
+            "lr": lrs[:: max(1, total // 400)], "iterations": total, "batch": batch}
 
 
 @torch.no_grad()
@@ -322,12 +322,11 @@ def _postln_verdict(table: dict, fit: dict, chance: float) -> str:
             f"{warm['mean']:.3f} over {n} seeds -> {outcome}")
 
 
-def _band_plot(ax, runs: list[dict], xkey: str, ykey: str, label: str, color) -> None:
-    xs = runs[0][xkey]
-    ys = list(zip(*(r[ykey] for r in runs)))
-    mean = [statistics.fmean(v) for v in ys]
-    ax.plot(xs, mean, color=color, label=label, lw=1.5)
-    ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=color, alpha=0.2)
+def _band_plot(ax, xs: list[float], runs: list[list[float]], label: str, color) -> None:
+    """Mean over seeds as a line, min-max over seeds as a band."""
+    per_x = list(zip(*runs))
+    ax.plot(xs, [statistics.fmean(v) for v in per_x], color=color, label=label, lw=1.5)
+    ax.fill_between(xs, [min(v) for v in per_x], [max(v) for v in per_x], color=color, alpha=0.2)
 
 
 def _plot_goyal(curves: dict, cfg: dict) -> None:
@@ -340,17 +339,14 @@ def _plot_goyal(curves: dict, cfg: dict) -> None:
     colors = ["black", "tab:red", "tab:orange", "tab:green"]
     for arm, color in zip(GOYAL_ARMS, colors):
         runs = curves[arm]
-        _band_plot(axes[0], runs, "train_epoch", "train_loss", arm, color)
-        epochs = list(range(1, cfg["epochs"] + 1))
-        for r in runs:
-            r["_epochs"] = epochs
-        _band_plot(axes[1], runs, "_epochs", "val_error", arm, color)
-        for r in runs:
-            del r["_epochs"]
-        lr = runs[0]["lr"]
-        axes[2].plot([i * runs[0]["iterations"] / len(lr) / (runs[0]["iterations"]
-                                                              / cfg["epochs"])
-                      for i in range(len(lr))], lr, color=color, label=arm)
+        _band_plot(axes[0], runs[0]["train_epoch"], [r["train_loss"] for r in runs], arm, color)
+        _band_plot(axes[1], list(range(1, cfg["epochs"] + 1)), [r["val_error"] for r in runs],
+                   arm, color)
+        # the LR trace keeps every `stride`-th iteration (see _goyal_run)
+        lr, iterations = runs[0]["lr"], runs[0]["iterations"]
+        stride = max(1, iterations // 400)
+        axes[2].plot([i * stride * cfg["epochs"] / iterations for i in range(len(lr))], lr,
+                     color=color, label=arm)
     axes[0].set(xlabel="epoch", ylabel="train loss (running mean)", yscale="log",
                 title="training loss")
     axes[1].set(xlabel="epoch", ylabel="held-out error", title="held-out error")
@@ -375,7 +371,9 @@ def _plot_postln(curves: dict, cfg: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for arm, color in zip(POSTLN_ARMS, ["tab:red", "tab:green"]):
-        _band_plot(ax, curves[arm], "step", "train_loss", arm + " (mean, min–max)", color)
+        runs = curves[arm]
+        _band_plot(ax, runs[0]["step"], [r["train_loss"] for r in runs],
+                   arm + " (mean, min–max)", color)
         for r in curves[arm]:
             ax.plot(r["step"], r["train_loss"], color=color, lw=0.6, alpha=0.6, ls="--")
     ax.axhline(math.log(cfg["vocab"]), color="gray", ls=":", lw=1, label="chance (ln V)")
