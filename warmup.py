@@ -200,6 +200,7 @@ class GradualWarmupScheduler(LRScheduler):
         if epoch <= self.total_epoch or self.after_scheduler is None:
             self.finished = epoch > self.total_epoch
             _set_lrs(self.optimizer, self._lrs_at(epoch))
+            self._last_lr = _lr_list(self.optimizer)
         elif plateau:
             if not self.finished:
                 self._handoff()
@@ -215,8 +216,10 @@ class GradualWarmupScheduler(LRScheduler):
                 at = self.last_epoch
             for _ in range(epoch - at):
                 self.after_scheduler.step()
+        if self.finished and self.after_scheduler is not None:
+            # the after_scheduler has just snapshotted the LRs (cloning tensors): share that
+            self._last_lr = list(self.after_scheduler.get_last_lr())
         self.last_epoch = epoch
-        self._last_lr = _lr_list(self.optimizer)
 
     def get_lr(self) -> list[float | torch.Tensor]:
         """The LRs at ``last_epoch`` (use ``get_last_lr()``; this one exists for LRScheduler)."""
