@@ -113,6 +113,7 @@ def graph_replay(iterations: int = 100) -> dict:
 
 def count_recompiles(iterations: int = 12) -> list[dict]:
     import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
 
     from fused import FusedAdamW
 
@@ -123,12 +124,7 @@ def count_recompiles(iterations: int = 12) -> list[dict]:
     }
     for name, make in makers.items():
         torch._dynamo.reset()
-        compiles = 0
-
-        def counting_backend(gm, example_inputs):
-            nonlocal compiles
-            compiles += 1
-            return gm.forward
+        counter = CompileCounter()  # a backend that counts its invocations (= compilations)
 
         model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
                                     torch.nn.Linear(256, 256)).cuda()
@@ -136,7 +132,7 @@ def count_recompiles(iterations: int = 12) -> list[dict]:
         sched = _schedule(opt, iterations)
         x = torch.randn(64, 256, device="cuda")
 
-        @torch.compile(backend=counting_backend)
+        @torch.compile(backend=counter)
         def train_step(x, model=model, opt=opt):
             loss = model(x).square().mean()
             loss.backward()
@@ -145,13 +141,14 @@ def count_recompiles(iterations: int = 12) -> list[dict]:
             return loss
 
         train_step(x)
-        after_first = compiles
+        after_first = counter.frame_count
         for _ in range(iterations):
             sched.step()  # the LR changes every iteration
             train_step(x)
+        more = counter.frame_count - after_first
         rows.append({"compiled training step": name, "compiles (first call)": after_first,
-                     f"recompiles over {iterations} LR changes": compiles - after_first})
-        log(f"compile {name}: {after_first} then {compiles - after_first} more")
+                     f"recompiles over {iterations} LR changes": more})
+        log(f"compile {name}: {after_first} then {more} more")
     torch._dynamo.reset()
     return rows
 

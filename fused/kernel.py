@@ -53,6 +53,15 @@ def _one_minus_pow(step, log_beta):
 
 
 @triton.jit
+def _program_chunk(tensors_ptr, blocks_ptr):
+    """This program's tensor index, its row in the tensor table and its chunk index (int64)."""
+    pid = tl.program_id(0)
+    tensor = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
+    chunk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
+    return tensor, tensors_ptr + tensor * 8, chunk
+
+
+@triton.jit
 def _adamw_chunk(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     offs, mask,  # mask is None for a chunk wholly inside its tensor (unmasked, vectorized access)
@@ -109,10 +118,7 @@ def _adamw_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_GRAD_MUL: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tensor = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
-    chunk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
-    row = tensors_ptr + tensor * 8
+    tensor, row, chunk = _program_chunk(tensors_ptr, blocks_ptr)
     param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
     exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
@@ -180,9 +186,7 @@ def _grad_norm_kernel(
     NORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tensor = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
-    chunk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
-    row = tensors_ptr + tensor * 8
+    _, row, chunk = _program_chunk(tensors_ptr, blocks_ptr)
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD_DTYPE))
     numel = tl.load(row + 7)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)  # int64, as in the step kernel

@@ -26,14 +26,10 @@ def _schedule(opt):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device):
     import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    compiles = 0
-
-    def counting_backend(gm, example_inputs):
-        nonlocal compiles
-        compiles += 1
-        return gm.forward
+    counter = CompileCounter()  # a backend that counts its invocations (= compilations)
 
     model, twin = _model(device), _model(device)
     opt, twin_opt = FusedAdamW(model.parameters(), lr=1e-3), FusedAdamW(twin.parameters(),
@@ -48,10 +44,10 @@ def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device):
         opt.zero_grad()
         return loss
 
-    compiled = torch.compile(train_step, backend=counting_backend)
+    compiled = torch.compile(train_step, backend=counter)
     compiled(model, opt, x)
     train_step(twin, twin_opt, x)
-    first = compiles
+    first = counter.frame_count
     assert first >= 1
     lrs = set()
     for _ in range(12):
@@ -61,7 +57,7 @@ def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device):
         compiled(model, opt, x)
         train_step(twin, twin_opt, x)
     assert len(lrs) == 12  # the LR really changed every step
-    assert compiles == first  # ... and nothing was recompiled for it
+    assert counter.frame_count == first  # ... and nothing was recompiled for it
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
