@@ -34,7 +34,7 @@ def copy_bandwidth(nbytes: int = 4 << 30) -> float:
 
 
 def optimizers(lr: float = 1e-3):
-    """name → (constructor, state bytes per element relative to param dtype)."""
+    """name → constructor over a list of params (every optimizer the step bench compares)."""
     from fused import FusedAdamW
 
     def torch_adamw(**kw):

@@ -369,7 +369,8 @@ class _Bucket:
         if addresses != self.addresses:
             rows = _kernel.tensor_rows(self.locals, grads, self.exp_avgs, self.exp_avg_sqs,
                                        self.max_exp_avg_sqs, self.steps, self.lrs)
-            self.tables = _kernel.tables_for(rows, self.hypers, self.device, cache)
+            self.tables = _kernel.tables_for(rows, self.hypers, self.device, cache,
+                                             keep_alive=self.step_buffer)
             self.addresses = addresses
         return self.tables
 

@@ -256,10 +256,12 @@ def tensor_rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr
 
 
 def tables_for(rows: list[tuple[int, ...]], hyperparameters: list[tuple[float, ...]],
-               device: torch.device, cache: TableCache) -> tuple:
+               device: torch.device, cache: TableCache, keep_alive=None) -> tuple:
     """The kernel's device tables for these rows (from ``cache`` when seen before).
 
     ``hyperparameters[i]`` is ``(beta1, beta2, eps, weight_decay)`` of tensor i's group.
+    ``keep_alive`` (e.g. the step-count buffer the rows point into) lives as long as the tables,
+    so a graph captured with them never writes freed memory.
     """
     key = (device, tuple(rows), tuple(hyperparameters))
 
@@ -275,7 +277,7 @@ def tables_for(rows: list[tuple[int, ...]], hyperparameters: list[tuple[float, .
                   for b1, b2, eps, wd in hyperparameters]
         aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
         weight_decay = any(h[3] != 0.0 for h in hyperparameters)
-        return (*_build_tables(rows, hypers, device), aligned, weight_decay)
+        return (*_build_tables(rows, hypers, device), aligned, weight_decay, keep_alive)
 
     return cache.get(key, build)
 
@@ -285,7 +287,7 @@ def launch(tables: tuple, dtype: torch.dtype, *, amsgrad: bool, maximize: bool,
            grad_mul: torch.Tensor | None) -> None:
     """One kernel launch over the tensors ``tables`` describe (steps already incremented)."""
     global launches
-    tensors, hypers, blocks, aligned, weight_decay = tables
+    tensors, hypers, blocks, aligned, weight_decay, _ = tables
     n_programs = blocks.shape[0]
     if n_programs == 0:
         return
@@ -312,7 +314,7 @@ def launch(tables: tuple, dtype: torch.dtype, *, amsgrad: bool, maximize: bool,
 def grad_norm_partials(tables: tuple, dtype: torch.dtype, norm_type: float) -> torch.Tensor:
     """One launch over the grads ``tables`` describe: per-program Σ|g|^p (max |g| for inf)."""
     global launches
-    tensors, _, blocks, _, _ = tables
+    tensors, _, blocks, _, _, _ = tables
     n_programs = blocks.shape[0]
     partial = torch.empty(n_programs, dtype=torch.float32, device=tensors.device)
     if n_programs == 0:
