@@ -54,6 +54,20 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _make_sharded():
+    """The model with ``fully_shard`` per Linear and at the root, and FusedAdamW over it."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fused import FusedAdamW
+
+    model = _make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+
 def _make_scheduler(opt):
     from warmup import GradualWarmupScheduler
 
@@ -170,17 +184,10 @@ def _fsdp_worker(rank: int, init_method: str, out_dir: str, norm_type: float) ->
             StateDictOptions,
             get_optimizer_state_dict,
         )
-        from torch.distributed.fsdp import fully_shard
 
         import fused.kernel as fk
-        from fused import FusedAdamW
 
-        model = _make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        model, opt = _make_sharded()
         sched = _make_scheduler(opt)
         launches_before = fk.launches
         norms, losses = [], []
@@ -256,17 +263,10 @@ def _fsdp_resume_worker(rank: int, init_method: str, out_dir: str) -> None:
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-        from torch.distributed.fsdp import fully_shard
 
-        from fused import FusedAdamW
 
         def build():
-            model = _make_model()
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
-            opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+            model, opt = _make_sharded()
             return model, opt, _make_scheduler(opt)
 
         def train(model, opt, sched, steps):
@@ -325,16 +325,9 @@ OVERFLOW_STEP = 1  # rank 0 plants an inf in its own shard of the first weight's
 def _fsdp_scaler_worker(rank: int, init_method: str, out_dir: str) -> None:
     _init_rank(rank, init_method)
     try:
-        from torch.distributed.fsdp import fully_shard
 
-        from fused import FusedAdamW
 
-        model = _make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
-        opt = FusedAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        model, opt = _make_sharded()
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         first = next(model.parameters())
         scales, steps, norms = [], [], []
