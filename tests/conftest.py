@@ -16,6 +16,15 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+# where the Triton kernel itself runs: CUDA, and the CPU only in the interpreter (on a machine
+# with a GPU, CPU params take the torch path, so kernel launch counts are meaningless there)
+KERNEL_DEVICES = [
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
+        not INTERPRET, reason="on the CPU the kernel runs only under TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.cuda, id="cuda"),
+]
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -8,7 +8,7 @@ import torch
 from fused import FusedAdamW
 from warmup import GradualWarmupScheduler
 
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+from .conftest import DEVICES
 
 
 def _model(device, seed=0):

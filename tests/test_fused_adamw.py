@@ -16,9 +16,8 @@ import fused.kernel as fk
 from fused import FusedAdamW, fused_adamw
 from fused.reference import adamw_step_reference_
 
-from .conftest import HAS_CUDA, INTERPRET
+from .conftest import DEVICES, HAS_CUDA, INTERPRET, KERNEL_DEVICES
 
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
 SHAPES = [(), (1,), (1023,), (4097,), (33, 65), (3, 5, 7)]
 TOL = {torch.float32: dict(rtol=2e-5, atol=5e-6),
        # one bf16/fp16 ulp: the interpreter truncates fp32→bf16 stores, the GPU rounds
@@ -127,8 +126,7 @@ def test_fp32_matches_torch_directly(device):
         assert_close(p, q, torch.float32)
 
 
-@kernel_only
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_param_groups_one_launch_per_dtype(device):
     shapes_a, shapes_b = [(7,), (300,), (5, 9)], [(4097,), (2, 3)]
     a32 = _params(shapes_a, torch.float32, device, seed=2)
@@ -158,8 +156,7 @@ def test_param_groups_one_launch_per_dtype(device):
             assert_close(p, q, p.dtype)
 
 
-@kernel_only
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_launch_count_gpt2_like(device):
     """148 tensors of a GPT-2 layout (scaled down) step in one kernel launch (on CUDA the
     profiler sees exactly two: that kernel and the step-count add_)."""
