@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the CUDA tests and every GPU benchmark, results in one folder.
+# One call on a GPU machine: the whole test suite (the CUDA tests, and the CPU tests as they run on
+# a machine with a GPU) and every GPU benchmark, results in one folder.
 #
 #   bash bench/gpu_suite.sh [OUTDIR]      # default: $OUT if set (device tool), else bench/results
+#   SUITE_BENCH="" bash bench/gpu_suite.sh  # the tests only; SUITE_BENCH=step: one bench
 #
 # Uses the machine's own torch/triton (installs nothing); run from the repo root.
 set -uo pipefail
@@ -17,8 +19,8 @@ log="$out/gpu_suite.log"
 } 2>&1 | tee "$log"
 status=0
 run() { echo "=== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
-run python3 -m pytest -q -m cuda tests ${SUITE_PYTEST_ARGS:-}
-for module in ${SUITE_BENCH:-step graphs}; do
+run python3 -m pytest -q -p no:cacheprovider tests ${SUITE_PYTEST_ARGS:-}
+for module in ${SUITE_BENCH-step graphs}; do
   run python3 -m bench."$module"
 done
 echo "gpu_suite exit status: $status" | tee -a "$log"
