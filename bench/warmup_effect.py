@@ -389,6 +389,21 @@ def _plot_postln(curves: dict, cfg: dict) -> None:
     plt.close(fig)
 
 
+def _run_arms(study: str, arms, seeds: int, run_one, keys, width: int, describe):
+    """Every arm of a study over ``seeds`` seeds, a progress line per run; the runs per arm and
+    the mean/spread table of ``keys`` per arm."""
+    curves = {arm: [] for arm in arms}
+    for arm in arms:
+        for seed in range(seeds):
+            t0 = time.perf_counter()
+            r = run_one(arm, seed)
+            curves[arm].append(r)
+            log(f"  {study} {arm:<{width}} seed {seed}: {describe(r)} "
+                f"({time.perf_counter() - t0:.1f} s)")
+    table = {arm: {key: _summary([r[key] for r in curves[arm]]) for key in keys} for arm in arms}
+    return curves, table
+
+
 def run(quick: bool = False, device: str | None = None, seeds: int = 3) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -406,29 +421,15 @@ def run(quick: bool = False, device: str | None = None, seeds: int = 3) -> dict:
         f"quick={quick}")
 
     data = _goyal_data(goyal, device)
-    goyal_curves = {arm: [] for arm in GOYAL_ARMS}
-    for arm in GOYAL_ARMS:
-        for seed in range(seeds):
-            t0 = time.perf_counter()
-            r = _goyal_run(arm, seed, goyal, data, device)
-            goyal_curves[arm].append(r)
-            log(f"  goyal  {arm:<28} seed {seed}: held-out error {r['final_val_error']:.4f} "
-                f"loss {r['final_val_loss']:.4f} ({time.perf_counter() - t0:.1f} s)")
-    goyal_table = {arm: {key: _summary([r[key] for r in goyal_curves[arm]])
-                         for key in ("final_train_loss", "final_val_loss", "final_val_error")}
-                   for arm in GOYAL_ARMS}
-
-    postln_curves = {arm: [] for arm in POSTLN_ARMS}
-    for arm in POSTLN_ARMS:
-        for seed in range(seeds):
-            t0 = time.perf_counter()
-            r = _postln_run(arm, seed, postln, device)
-            postln_curves[arm].append(r)
-            log(f"  postln {arm:<14} seed {seed}: held-out acc {r['final_val_accuracy']:.4f} "
-                f"train loss {r['final_train_loss']:.4f} ({time.perf_counter() - t0:.1f} s)")
-    postln_table = {arm: {key: _summary([r[key] for r in postln_curves[arm]])
-                          for key in ("final_train_loss", "final_val_loss", "final_val_accuracy")}
-                    for arm in POSTLN_ARMS}
+    goyal_curves, goyal_table = _run_arms(
+        "goyal ", GOYAL_ARMS, seeds, lambda arm, seed: _goyal_run(arm, seed, goyal, data, device),
+        ("final_train_loss", "final_val_loss", "final_val_error"), 28,
+        lambda r: f"held-out error {r['final_val_error']:.4f} loss {r['final_val_loss']:.4f}")
+    postln_curves, postln_table = _run_arms(
+        "postln", POSTLN_ARMS, seeds, lambda arm, seed: _postln_run(arm, seed, postln, device),
+        ("final_train_loss", "final_val_loss", "final_val_accuracy"), 14,
+        lambda r: (f"held-out acc {r['final_val_accuracy']:.4f} "
+                   f"train loss {r['final_train_loss']:.4f}"))
 
     postln_fit = {arm: _fit_summary(postln_curves[arm]) for arm in POSTLN_ARMS}
     verdicts = {"goyal": _goyal_verdict(goyal_table),

@@ -430,7 +430,7 @@ def _sharding_group(p: Tensor):
     dims = [d for d, placement in enumerate(p.placements) if isinstance(placement, Shard)]
     if not dims:
         return None
-    if len(dims) > 1 or mesh.ndim > 1 and len(dims) != 1:
+    if len(dims) > 1:
         raise NotImplementedError("FusedAdamW.clip_grad_norm_: params sharded over more than one "
                                   "mesh dimension are not supported")
     return mesh.get_group(dims[0])
