@@ -96,6 +96,9 @@ class FusedAdamW(Optimizer):
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
+        # the defaults first, as torch does: a bad default is refused even if every group
+        # overrides it, and before `params` is looked at
+        _validate(defaults)
         self._lr_tensors: list[Tensor] = []
         self._plan: _Plan | None = None
         self._clip_coef: Tensor | None = None
@@ -115,10 +118,12 @@ class FusedAdamW(Optimizer):
             self.param_groups.pop()
             raise
         self._plan = None
+        group["betas"] = _float_betas(group["betas"])
         lr = group["lr"]
-        lr_tensor = (lr.detach().to(device=device, dtype=torch.float32).reshape(()).clone()
+        lr_dtype = _lr_dtype(group["params"])
+        lr_tensor = (lr.detach().to(device=device, dtype=lr_dtype).reshape(()).clone()
                      if isinstance(lr, Tensor)
-                     else torch.tensor(float(lr), dtype=torch.float32, device=device))
+                     else torch.tensor(float(lr), dtype=lr_dtype, device=device))
         group["lr"] = lr_tensor
         self._lr_tensors.append(lr_tensor)
 
@@ -259,7 +264,9 @@ class FusedAdamW(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads ours or torch.optim.AdamW's; state stays fp32 on the param's device."""
+        """Loads ours or torch.optim.AdamW's. The state keeps its own dtype (fp32, or fp64 /
+        complex for such params; torch would cast it to a bf16 param's dtype) on the param's
+        device, and holds exactly the keys that were saved."""
         saved_state = state_dict["state"]
         id_to_param = {}
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -267,12 +274,14 @@ class FusedAdamW(Optimizer):
         super().load_state_dict(state_dict)
         self._plan = None
         for index, group in enumerate(self.param_groups):
-            _validate(group)
-            self._group_lr(index, group)  # adopt the saved LR into the group's device tensor
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            _validate(group)
+            group["betas"] = _float_betas(group["betas"])
+            self._group_lr(index, group)  # adopt the saved LR into the group's device tensor
         # torch casts floating state to the param dtype (and keeps `step` where it was saved);
-        # redo it from the saved values: fp32 state and a 0-dim fp32 step on the param's device
+        # redo it from the saved values: state in its own dtype and a 0-dim fp32 step on the
+        # param's device
         for param_id, saved in saved_state.items():
             p = id_to_param.get(param_id)
             if p is None:
@@ -283,29 +292,33 @@ class FusedAdamW(Optimizer):
                     value = value if isinstance(value, Tensor) else torch.tensor(float(value))
                     state[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(
                         ()).clone()
-                elif isinstance(value, Tensor) and value.is_floating_point():
-                    state[key] = value.detach().to(device=p.device, dtype=torch.float32,
+                elif isinstance(value, Tensor) and (value.is_floating_point()
+                                                    or value.is_complex()):
+                    state[key] = value.detach().to(device=p.device, dtype=_state_dtype(p),
                                                    copy=True)
-            if "max_exp_avg_sq" not in state and "exp_avg_sq" in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
 
 
 class _Plan:
-    """The step's buckets: one per (device, dtype, amsgrad, maximize), each one launch."""
+    """The step's buckets: one per (device, real dtype, amsgrad, maximize, LR dtype), each one
+    launch (a group mixing fp64 and fp32 params has an fp64 LR: its fp32 params get their own)."""
 
     def __init__(self, key: tuple, opt: FusedAdamW):
         self.key = key
         buckets: dict[tuple, _Bucket] = {}
         for group in opt.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = (beta1, beta2, group["eps"], group["weight_decay"])
+            beta1, beta2 = _float_betas(group["betas"])
+            hyper = (beta1, beta2, float(group["eps"]), float(group["weight_decay"]))
+            amsgrad = group["amsgrad"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = opt.state[p]
                 if len(state) == 0:
-                    _init_state(state, p, group["amsgrad"])
-                bucket_key = (p.device, p.dtype, group["amsgrad"], group["maximize"])
+                    _init_state(state, p, amsgrad)
+                elif amsgrad and "max_exp_avg_sq" not in state:  # e.g. a non-amsgrad checkpoint
+                    state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+                bucket_key = (p.device, _real(p).dtype, amsgrad, group["maximize"],
+                              group["lr"].dtype)
                 if bucket_key not in buckets:
                     buckets[bucket_key] = _Bucket(*bucket_key)
                 buckets[bucket_key].add(p, state, group["lr"], hyper)
@@ -319,12 +332,23 @@ class _Bucket:
     fp32 buffer (``state["step"]`` are 0-dim views of it: one ``add_`` per step instead of a
     foreach over every tensor), and the kernel's tables are rebuilt only when an address moved.
 
-    DTensor params (FSDP2) are stepped through their local shards."""
+    Complex params are stepped as their real views (``torch.view_as_real``: real/imaginary
+    pairs, as torch does); DTensor params (FSDP2) through their local shards.
 
-    def __init__(self, device, dtype, amsgrad, maximize):
+    Backends, by device and dtype: the Triton kernel (CUDA fp32/bf16/fp16; CPU under
+    ``TRITON_INTERPRET=1``); torch's own fused AdamW op where its math is ours and its state
+    dtype is ours (CPU fp32, fp64 anywhere); the torch reference for everything else."""
+
+    def __init__(self, device, dtype, amsgrad, maximize, lr_dtype):
         self.device, self.dtype, self.amsgrad, self.maximize = device, dtype, amsgrad, maximize
+        self.lr_dtype = lr_dtype
         self.params, self.states, self.lrs, self.hypers = [], [], [], []
-        self.use_kernel = _uses_kernel(device) and dtype in _kernel.SUPPORTED_DTYPES
+        if _uses_kernel(device) and dtype in _kernel.SUPPORTED_DTYPES:
+            self.backend = "kernel"
+        elif dtype in (torch.float32, torch.float64) and device.type in ("cpu", "cuda"):
+            self.backend = "torch"
+        else:
+            self.backend = "reference"
         self.addresses = None
         self.tables = None
 
@@ -343,25 +367,30 @@ class _Bucket:
         self.steps = [s["step"] for s in self.states]
         self.sharded = [_sharding_group(p) for p in self.params]
         self.distributed = any(_is_dtensor(p) for p in self.params)
-        self.locals = [_local(p) for p in self.params]
-        self.exp_avgs = [_local(s["exp_avg"]) for s in self.states]
-        self.exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in self.states]
-        self.max_exp_avg_sqs = ([_local(s["max_exp_avg_sq"]) for s in self.states]
+        self.locals = [_real(_local(p)) for p in self.params]
+        self.exp_avgs = [_real(_local(s["exp_avg"])) for s in self.states]
+        self.exp_avg_sqs = [_real(_local(s["exp_avg_sq"])) for s in self.states]
+        self.max_exp_avg_sqs = ([_real(_local(s["max_exp_avg_sq"])) for s in self.states]
                                 if self.amsgrad else None)
         self.state_contiguous = all(
             t.is_contiguous() for t in (*self.locals, *self.exp_avgs, *self.exp_avg_sqs,
                                         *(self.max_exp_avg_sqs or ())))
+        # torch's fused op takes one LR and one set of hyperparameters per call
+        self.torch_calls = {}
+        for i, (lr, hyper) in enumerate(zip(self.lrs, self.hypers)):
+            self.torch_calls.setdefault((id(lr), hyper), (lr, hyper, []))[2].append(i)
 
     def grads(self) -> tuple[list[Tensor], bool]:
-        """This step's (local) grads, and whether the fast path takes them."""
+        """This step's (local, real) grads, and whether the fast path takes them."""
         grads = [p.grad for p in self.params]
         if self.distributed:
             grads = [_local(g) for g in grads]
         # (a sparse grad is not contiguous: it takes the general path, which refuses it)
-        fast = self.use_kernel and self.state_contiguous and all(map(Tensor.is_contiguous, grads))
+        fast = (self.backend != "reference" and self.state_contiguous
+                and all(map(Tensor.is_contiguous, grads)))
         if not fast and any(g.is_sparse for g in grads):
             raise RuntimeError("FusedAdamW does not support sparse gradients")
-        return grads, fast
+        return [_real(g) for g in grads], fast
 
     def refresh_tables(self, grads: list[Tensor], cache) -> tuple:
         """The kernel's tables for these grads; rebuilt only if an address moved."""
@@ -377,10 +406,19 @@ class _Bucket:
     def step(self, tables_cache, *, grad_scale, found_inf, grad_mul):
         grads, fast = self.grads()
         self.step_buffer.add_(1)
-        if fast:
+        if fast and self.backend == "kernel":
             _kernel.launch(self.refresh_tables(grads, tables_cache), self.dtype,
                            amsgrad=self.amsgrad, maximize=self.maximize, grad_scale=grad_scale,
-                           found_inf=found_inf, grad_mul=grad_mul)
+                           found_inf=found_inf, grad_mul=grad_mul, lr_dtype=self.lr_dtype)
+        elif fast:
+            grads = _prescaled(grads, grad_scale, grad_mul)
+            for lr, hyper, idx in self.torch_calls.values():
+                _torch_fused_adamw(
+                    _pick(self.locals, idx), _pick(grads, idx), _pick(self.exp_avgs, idx),
+                    _pick(self.exp_avg_sqs, idx),
+                    _pick(self.max_exp_avg_sqs, idx) if self.amsgrad else None,
+                    _pick(self.steps, idx), lr, hyper, amsgrad=self.amsgrad,
+                    maximize=self.maximize, found_inf=found_inf)
         else:
             self.addresses = None
             _update(self.locals, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs,
@@ -437,13 +475,60 @@ def _sharding_group(p: Tensor):
 
 
 def _init_state(state: dict, p: Tensor, amsgrad: bool) -> None:
+    dtype = _state_dtype(p)
     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                           memory_format=torch.preserve_format)
+    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     if amsgrad:
-        state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+        state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype,
                                                    memory_format=torch.preserve_format)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """fp32 state for fp32/bf16/fp16 params; fp64 and complex params keep their own dtype (as
+    torch does: fp64 is never stepped in fp32)."""
+    if p.dtype in (torch.float64, torch.complex64, torch.complex128):
+        return p.dtype
+    return torch.float32
+
+
+def _lr_dtype(params) -> torch.dtype:
+    """A group's LR tensor is float32, or float64 when the group holds fp64 (or complex128)
+    params: they then see the double LR torch uses, not one rounded to fp32."""
+    wide = any(p.dtype in (torch.float64, torch.complex128) for p in params)
+    return torch.float64 if wide else torch.float32
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor's real view (real/imaginary pairs, sharing its storage)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _float_betas(betas) -> tuple[float, float]:
+    """Betas as Python floats (0-dim or 1-element tensor betas are read once, on the host)."""
+    return tuple(float(b) for b in betas)
+
+
+def _prescaled(grads: list[Tensor], grad_scale: Tensor | None,
+               grad_mul: Tensor | None) -> list[Tensor]:
+    """Unscaled / clipped copies of the grads for torch's fused op (which would write the
+    unscaled grads back into ``.grad``; ours never change them)."""
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, grad_scale)
+    if grad_mul is not None:
+        grads = torch._foreach_mul(grads, grad_mul)
+    return grads
+
+
+def _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, hyper,
+                       *, amsgrad, maximize, found_inf):
+    """torch's own fused AdamW op (its CPU kernel, or CUDA for fp64): the same math, steps
+    already incremented."""
+    beta1, beta2, eps, weight_decay = hyper
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [], steps,
+                        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                        amsgrad=amsgrad, maximize=maximize, grad_scale=None,
+                        found_inf=found_inf)
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -453,30 +538,33 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _validate(group: dict, read_lr: bool = True) -> None:
-    """ValueError naming the argument and the value; ``read_lr=False`` skips reading a tensor LR
-    on the host (the functional form must not sync)."""
+    """ValueError naming the argument and the value (torch's messages); ``read_lr=False`` skips
+    reading a tensor LR on the host (the functional form must not sync)."""
     lr = group["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid learning rate: a tensor LR must hold one value, got shape "
-                         f"{tuple(lr.shape)}")
-    if isinstance(lr, Tensor) and not read_lr:
-        pass
-    else:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    if not (isinstance(lr, Tensor) and not read_lr):
         lr_value = lr.detach().reshape(-1)[0].item() if isinstance(lr, Tensor) else lr
         if isinstance(lr_value, bool) or not (
                 isinstance(lr_value, (int, float)) and 0.0 <= lr_value < math.inf):
             raise ValueError(f"Invalid learning rate: {lr_value}")
     eps = group["eps"]
-    if not (isinstance(eps, (int, float)) and 0.0 <= eps < math.inf):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 <= eps < math.inf):
         raise ValueError(f"Invalid epsilon value: {eps}")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
+    if sum(isinstance(b, Tensor) for b in betas) == 1:
+        raise ValueError("betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor) or not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+        if isinstance(beta, Tensor):
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            beta = beta.detach().reshape(-1)[0].item()
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     wd = group["weight_decay"]
-    if not (isinstance(wd, (int, float)) and 0.0 <= wd < math.inf):
+    if isinstance(wd, bool) or not (isinstance(wd, (int, float)) and 0.0 <= wd < math.inf):
         raise ValueError(f"Invalid weight_decay value: {wd}")
 
 
@@ -487,8 +575,9 @@ def _group_device(group: dict) -> torch.device:
         raise ValueError("FusedAdamW: all params of a param group must be on one device, got "
                          f"{sorted(str(d) for d in devices)}; put them in separate groups")
     for p in params:
-        if not p.is_floating_point():
-            raise ValueError(f"FusedAdamW: params must be floating point, got {p.dtype}")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"FusedAdamW: params must be floating point or complex, got "
+                             f"{p.dtype}")
     if params:
         return next(iter(devices))
     return torch.device("cpu")
@@ -553,7 +642,7 @@ def _kernel_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, l
     rows = _kernel.tensor_rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lrs)
     _kernel.launch(_kernel.tables_for(rows, hypers, params[0].device, tables), params[0].dtype,
                    amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-                   grad_mul=grad_mul)
+                   grad_mul=grad_mul, lr_dtype=lrs[0].dtype)
     for original, working in write_back:
         original.copy_(working)
 
@@ -579,7 +668,8 @@ def fused_adamw(
     r"""Functional FusedAdamW: one step over these tensors, in place (the math of
     :class:`FusedAdamW`). ``state_steps`` are 0-dim float32 tensors, incremented here; ``lr`` is a
     0-dim float32 tensor on the params' device (a float is accepted and put there). State tensors
-    are fp32. Tensors are grouped by (device, dtype) and stepped with one launch per group.
+    are fp32 (fp64 for fp64 params; complex params and their state are stepped as real views).
+    Tensors are grouped by (device, dtype) and stepped with one launch per group.
     """
     if not params:
         return
@@ -590,13 +680,18 @@ def fused_adamw(
         raise ValueError("fused_adamw: amsgrad=True needs one max_exp_avg_sq per param")
     _validate(dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay),
               read_lr=False)
+    params, grads, exp_avgs, exp_avg_sqs = ([_real(t) for t in ts]
+                                            for ts in (params, grads, exp_avgs, exp_avg_sqs))
+    if max_exp_avg_sqs is not None:
+        max_exp_avg_sqs = [_real(t) for t in max_exp_avg_sqs]
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)
     for (device, _), idx in groups.items():
-        lr_tensor = (lr.to(device=device, dtype=torch.float32).reshape(())
+        lr_dtype = _lr_dtype([params[i] for i in idx])
+        lr_tensor = (lr.to(device=device, dtype=lr_dtype).reshape(())
                      if isinstance(lr, Tensor)
-                     else torch.tensor(float(lr), dtype=torch.float32, device=device))
+                     else torch.tensor(float(lr), dtype=lr_dtype, device=device))
         steps = _pick(state_steps, idx)
         device_found_inf = _on(found_inf, device)
         torch._foreach_add_(steps, 1)

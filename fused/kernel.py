@@ -5,7 +5,8 @@ group it belongs to. The kernel learns where the tensors are from three small de
 
 - ``tensors`` (int64, one row per tensor): the addresses of param, grad, exp_avg, exp_avg_sq,
   max_exp_avg_sq, the step count and the group's LR tensor, and the element count;
-- ``hypers`` (fp32, one row per tensor): β1, β2, ln β1, ln β2, eps, weight_decay of its group;
+- ``hypers`` (fp64, one row per tensor): β1, β2, 1 − β1, 1 − β2, eps, weight_decay of its group,
+  every derived coefficient formed in double on the host (never from an fp32 β);
 - ``blocks`` (int32, one row per program): which tensor and which BLOCK-sized chunk of it.
 
 The LR and the step count are *loaded* from device memory, so a scheduler that ``fill_``s the LR
@@ -28,7 +29,7 @@ import triton.language as tl
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps, i.e. four 16-byte loads per tensor
 NUM_WARPS = 8
 _TENSOR_COLS = 8  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, numel
-_HYPER_COLS = 8  # beta1, beta2, ln beta1, ln beta2, eps, weight_decay, (2 unused)
+_HYPER_COLS = 8  # beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay, (2 unused)
 _CACHE_SIZE = 8  # tables kept per optimizer: older graphs may still read one
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -43,13 +44,17 @@ def interpreter_enabled() -> bool:
 
 
 @triton.jit
-def _one_minus_pow(step, log_beta):
-    # 1 − βᵗ = −expm1(t·ln β). For small |t·ln β| (early steps with β2 = 0.999) 1 − exp(x) cancels
-    # in fp32, so use the Taylor series of −expm1 there (exact to fp32 rounding for |x| < 0.5).
-    x = step * log_beta
-    series = -x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6 * (
-        1 + x / 7 * (1 + x / 8)))))))
-    return tl.where(x > -0.5, series, 1 - tl.exp(x))
+def _pow_int(base, exponent):
+    """``base ** exponent`` for an fp64 base and a whole-number exponent < 2**32, by squaring in
+    fp64: the bias corrections 1 − βᵗ come out as torch forms them in double (no fp32 exp/log,
+    no cancellation for small t)."""
+    n = exponent.to(tl.int64)
+    result = base * 0.0 + 1.0
+    for _ in tl.static_range(32):
+        result = tl.where((n & 1) != 0, result * base, result)
+        base = base * base
+        n = n >> 1
+    return result
 
 
 @triton.jit
@@ -65,8 +70,8 @@ def _program_chunk(tensors_ptr, blocks_ptr):
 def _adamw_chunk(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     offs, mask,  # mask is None for a chunk wholly inside its tensor (unmasked, vectorized access)
-    lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_mul,
-    grad_scale_ptr,
+    decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt,
+    grad_mul, grad_scale_ptr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
 ):
@@ -83,10 +88,14 @@ def _adamw_chunk(
         g = -g
     # decoupled weight decay
     if WEIGHT_DECAY:
-        p = p * (1.0 - lr * weight_decay)
-    # first and second moments
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
+        p = p * decay
+    # first moment: torch's lerp(m, g, 1 − β1), same two forms
+    if one_minus_beta1 < 0.5:
+        m = m + one_minus_beta1 * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - one_minus_beta1)
+    # second moment
+    v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
         v_max = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=mask), v)
         tl.store(max_exp_avg_sq_ptr + offs, v_max, mask=mask)
@@ -103,12 +112,13 @@ def _adamw_chunk(
 @triton.jit
 def _adamw_kernel(
     tensors_ptr,  # int64 [n_tensors, 8]: param, grad, m, v, v_max, step, lr addresses; numel
-    hypers_ptr,  # fp32 [n_tensors, 8]: beta1, beta2, ln beta1, ln beta2, eps, weight_decay
+    hypers_ptr,  # fp64 [n_tensors, 8]: beta1, beta2, 1 - beta1, 1 - beta2, eps, weight_decay
     blocks_ptr,  # int32 [n_programs, 2]: tensor index, chunk index within that tensor
     grad_scale_ptr,  # fp32 scalar: grads are divided by it (HAS_GRAD_SCALE)
     found_inf_ptr,  # fp32 scalar: nonzero means skip the whole step (HAS_FOUND_INF)
     grad_mul_ptr,  # fp32 scalar: grads are multiplied by it, e.g. a clip coefficient (HAS_GRAD_MUL)
     PARAM_DTYPE: tl.constexpr,
+    LR_DTYPE: tl.constexpr,  # fp32, or fp64 for a group holding fp64 params
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned: allow vector loads
     AMSGRAD: tl.constexpr,
@@ -125,7 +135,7 @@ def _adamw_kernel(
     exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    lr_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    lr_ptr = tl.load(row + 6).to(tl.pointer_type(LR_DTYPE))
     numel = tl.load(row + 7)
     if ALIGNED:
         param_ptr = tl.multiple_of(param_ptr, 16)
@@ -135,18 +145,20 @@ def _adamw_kernel(
         max_exp_avg_sq_ptr = tl.multiple_of(max_exp_avg_sq_ptr, 16)
 
     hyper = hypers_ptr + tensor * 8
-    beta1 = tl.load(hyper + 0)
+    beta1 = tl.load(hyper + 0)  # fp64
     beta2 = tl.load(hyper + 1)
-    log_beta1 = tl.load(hyper + 2)
-    log_beta2 = tl.load(hyper + 3)
-    eps = tl.load(hyper + 4)
+    one_minus_beta1 = tl.load(hyper + 2).to(tl.float32)
+    one_minus_beta2 = tl.load(hyper + 3).to(tl.float32)
+    eps = tl.load(hyper + 4).to(tl.float32)
     weight_decay = tl.load(hyper + 5)
 
-    # the LR and the step count come from device memory: no host value is baked in
-    lr = tl.load(lr_ptr)
+    # the LR and the step count come from device memory: no host value is baked in. The scalar
+    # coefficients are formed in fp64 and rounded once, as torch forms them from Python floats.
+    lr = tl.load(lr_ptr).to(tl.float64)
     step = tl.load(step_ptr)
-    step_size = lr / _one_minus_pow(step, log_beta1)
-    bias_correction2_sqrt = tl.sqrt(_one_minus_pow(step, log_beta2))
+    decay = (1.0 - lr * weight_decay).to(tl.float32)
+    step_size = (lr / (1.0 - _pow_int(beta1, step))).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(1.0 - _pow_int(beta2, step)).to(tl.float32)
     grad_mul = 1.0
     if HAS_GRAD_MUL:
         grad_mul = tl.load(grad_mul_ptr)
@@ -162,13 +174,15 @@ def _adamw_kernel(
             offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
         if start + BLOCK <= numel:
             _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                         offs, None, lr, beta1, beta2, eps, weight_decay, step_size,
-                         bias_correction2_sqrt, grad_mul, grad_scale_ptr,
+                         offs, None, decay, one_minus_beta1, beta2.to(tl.float32),
+                         one_minus_beta2, eps, step_size, bias_correction2_sqrt, grad_mul,
+                         grad_scale_ptr,
                          AMSGRAD, MAXIMIZE, WEIGHT_DECAY, HAS_GRAD_SCALE, HAS_GRAD_MUL)
         else:
             _adamw_chunk(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                         offs, offs < numel, lr, beta1, beta2, eps, weight_decay, step_size,
-                         bias_correction2_sqrt, grad_mul, grad_scale_ptr,
+                         offs, offs < numel, decay, one_minus_beta1, beta2.to(tl.float32),
+                         one_minus_beta2, eps, step_size, bias_correction2_sqrt, grad_mul,
+                         grad_scale_ptr,
                          AMSGRAD, MAXIMIZE, WEIGHT_DECAY, HAS_GRAD_SCALE, HAS_GRAD_MUL)
 
 
@@ -231,7 +245,7 @@ class TableCache:
 def _build_tables(rows: list[tuple[int, ...]], hypers: list[tuple[float, ...]],
                   device: torch.device):
     tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1, _TENSOR_COLS)
-    hyper = torch.tensor(hypers, dtype=torch.float32).reshape(-1, _HYPER_COLS)
+    hyper = torch.tensor(hypers, dtype=torch.float64).reshape(-1, _HYPER_COLS)
     counts = (tensors[:, 7] + BLOCK - 1) // BLOCK
     tensor_index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), counts)
     first_block = torch.cumsum(counts, 0) - counts
@@ -272,8 +286,7 @@ def tables_for(rows: list[tuple[int, ...]], hyperparameters: list[tuple[float, .
                 "describe them cannot be uploaded inside a capture). Run an eager step with the "
                 "same tensors before capturing, and keep the grads allocated across the capture: "
                 "opt.zero_grad(set_to_none=False) inside the captured region, not set_to_none")
-        hypers = [(b1, b2, math.log(b1) if b1 > 0 else -math.inf,
-                   math.log(b2) if b2 > 0 else -math.inf, eps, wd, 0.0, 0.0)
+        hypers = [(b1, b2, 1.0 - b1, 1.0 - b2, eps, wd, 0.0, 0.0)  # in double, rounded once
                   for b1, b2, eps, wd in hyperparameters]
         aligned = all(addr % 16 == 0 for row in rows for addr in row[:5])
         weight_decay = any(h[3] != 0.0 for h in hyperparameters)
@@ -284,7 +297,7 @@ def tables_for(rows: list[tuple[int, ...]], hyperparameters: list[tuple[float, .
 
 def launch(tables: tuple, dtype: torch.dtype, *, amsgrad: bool, maximize: bool,
            grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-           grad_mul: torch.Tensor | None) -> None:
+           grad_mul: torch.Tensor | None, lr_dtype: torch.dtype = torch.float32) -> None:
     """One kernel launch over the tensors ``tables`` describe (steps already incremented)."""
     global launches
     tensors, hypers, blocks, aligned, weight_decay, _ = tables
@@ -298,6 +311,7 @@ def launch(tables: tuple, dtype: torch.dtype, *, amsgrad: bool, maximize: bool,
         found_inf if found_inf is not None else dummy,
         grad_mul if grad_mul is not None else dummy,
         PARAM_DTYPE=_TL_DTYPES[dtype],
+        LR_DTYPE=tl.float64 if lr_dtype == torch.float64 else tl.float32,
         BLOCK=BLOCK,
         ALIGNED=aligned,
         AMSGRAD=amsgrad,

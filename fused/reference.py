@@ -1,27 +1,41 @@
 """The AdamW step in plain torch: the readable statement of the math.
 
 One reference, used three ways: the tests compare the Triton kernel against it, FusedAdamW runs it
-for CPU parameters when the Triton interpreter is off, and the bench imports it rather than keeping
-a copy. It reads no device value on the host (the LR, the step count, ``grad_scale`` and
-``found_inf`` stay tensors), so it is also what a CUDA tensor would take through plain torch ops.
+for CPU parameters that torch's own fused CPU kernel cannot take, and the bench imports it rather
+than keeping a copy. It reads no device value on the host (the LR, the step count, ``grad_scale``
+and ``found_inf`` stay tensors), so it is also what a CUDA tensor would take through plain torch
+ops.
 
 Math (torch.optim.AdamW, decoupled weight decay), for step t = 1, 2, ... and g = grad / grad_scale
 (−g with ``maximize``; g · clip_coef when a global-norm clip is pending)::
 
     p ← p · (1 − lr · wd)
-    m ← β1 · m + (1 − β1) · g
+    m ← m + (1 − β1) · (g − m)                       (torch's lerp)
     v ← β2 · v + (1 − β2) · g²
     v̂ ← max(v̂, v)                                   (amsgrad; the denominator uses v̂)
     p ← p − (lr / bc1) · m / (√v / √bc2 + eps),      bc_i = 1 − β_iᵗ
 
-All of it in fp32 whatever the parameter's dtype (bf16/fp16 params keep fp32 ``m``/``v``); with
-``found_inf`` nonzero nothing changes.
+The element-wise math runs in fp32 for fp32/bf16/fp16 params and in fp64 for fp64 params. The
+scalar coefficients (1 − lr·wd, lr / bc1, √bc2) are formed in float64 and rounded once, as torch
+forms them from Python floats; so are 1 − β1 and 1 − β2 (``one_minus``). With ``found_inf`` nonzero
+nothing changes.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def one_minus(beta: float) -> float:
+    """``1 − beta`` in double, as torch forms it from a Python float (never from an fp32 beta:
+    fp32(0.999) gives 1 − β2 with a 1.3e-5 relative error)."""
+    return 1.0 - float(beta)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the element-wise math: fp64 for fp64 (and complex128) tensors, else fp32."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
 
 
 def bias_correction(beta: float, step: Tensor) -> Tensor:
@@ -48,40 +62,46 @@ def adamw_step_reference_(
     found_inf: Tensor | None = None,
     clip_coef: Tensor | None = None,
 ) -> None:
-    """One AdamW update of one tensor, in place. ``step`` is the count *after* this step.
+    """One AdamW update of one real tensor, in place. ``step`` is the count *after* this step.
 
-    ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` are fp32; ``param``/``grad`` any float dtype.
+    ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` are in the compute dtype (fp32, or fp64 for
+    fp64 params); ``param``/``grad`` any float dtype. Complex tensors are passed as their
+    ``torch.view_as_real`` views.
     """
     if param.numel() == 0:
         return
-    lr = lr.to(device=param.device, dtype=torch.float32)
-    g = grad.float()
+    dtype = compute_dtype(param.dtype)
+    device = param.device
+    lr64 = lr.to(device=device, dtype=torch.float64)
+    g = grad.to(dtype)
     if grad_scale is not None:  # unscale: GradScaler hands its scale over
-        g = g / grad_scale.to(g.device)
+        g = g / grad_scale.to(device=device, dtype=dtype)
     if clip_coef is not None:  # pending global-norm clip coefficient
-        g = g * clip_coef.to(g.device)
+        g = g * clip_coef.to(device=device, dtype=dtype)
     if maximize:
         g = -g
-    p = param.float()
-    # decoupled weight decay
-    p = p * (1.0 - lr * weight_decay)
+    p = param.to(dtype)
+    # decoupled weight decay (the factor formed in double, rounded once)
+    if weight_decay != 0:
+        p = p * (1.0 - lr64 * weight_decay).to(dtype)
     # first and second moments
-    m = exp_avg.lerp(g, 1.0 - beta1)
-    v = exp_avg_sq * beta2 + (1.0 - beta2) * g * g
-    v_max = torch.maximum(max_exp_avg_sq, v) if max_exp_avg_sq is not None else None
+    m = exp_avg.to(dtype).lerp(g, one_minus(beta1))
+    v = exp_avg_sq.to(dtype) * beta2 + one_minus(beta2) * g * g
+    v_max = (torch.maximum(max_exp_avg_sq.to(dtype), v) if max_exp_avg_sq is not None
+             else None)
     # bias-corrected step
-    bias_correction1 = bias_correction(beta1, step).float()
-    bias_correction2_sqrt = bias_correction(beta2, step).sqrt().float()
+    step_size = (lr64 / bias_correction(beta1, step)).to(dtype)
+    bias_correction2_sqrt = bias_correction(beta2, step).sqrt().to(dtype)
     denom = (v_max if v_max is not None else v).sqrt() / bias_correction2_sqrt + eps
-    p = p - (lr / bias_correction1) * m / denom
+    p = p - step_size * (m / denom)  # torch: p.addcdiv_(m, denom, value=-step_size)
 
     if found_inf is not None:  # inf/nan in the scaled grads: keep everything as it was
-        keep = found_inf.to(param.device) != 0
-        p = torch.where(keep, param.float(), p)
-        m = torch.where(keep, exp_avg, m)
-        v = torch.where(keep, exp_avg_sq, v)
+        keep = found_inf.to(device) != 0
+        p = torch.where(keep, param.to(dtype), p)
+        m = torch.where(keep, exp_avg.to(dtype), m)
+        v = torch.where(keep, exp_avg_sq.to(dtype), v)
         if v_max is not None:
-            v_max = torch.where(keep, max_exp_avg_sq, v_max)
+            v_max = torch.where(keep, max_exp_avg_sq.to(dtype), v_max)
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)

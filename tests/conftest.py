@@ -26,6 +26,21 @@ KERNEL_DEVICES = [
 ]
 
 
+
+@pytest.fixture(params=["kernel", "torch-path"])
+def cpu_path(request, monkeypatch):
+    """Run a CPU test twice: through the Triton kernel in the interpreter, and through the CPU
+    torch path that CPU params take outside the interpreter (torch's fused CPU op where its math
+    and state dtype are ours, the reference elsewhere). ``fused`` picks the path per call from
+    ``TRITON_INTERPRET``, so switching it off here is enough."""
+    if request.param == "kernel":
+        if not INTERPRET:
+            pytest.skip("on the CPU the kernel runs only under TRITON_INTERPRET=1")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return request.param
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

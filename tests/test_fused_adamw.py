@@ -19,7 +19,7 @@ from fused.reference import adamw_step_reference_
 from .conftest import DEVICES, HAS_CUDA, INTERPRET, KERNEL_DEVICES
 
 SHAPES = [(), (1,), (1023,), (4097,), (33, 65), (3, 5, 7)]
-TOL = {torch.float32: dict(rtol=2e-5, atol=5e-6),
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7),  # the parity bar (tests/test_parity.py)
        # one bf16/fp16 ulp: the interpreter truncates fp32→bf16 stores, the GPU rounds
        torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
        torch.float16: dict(rtol=2**-10, atol=1e-5)}
@@ -449,7 +449,8 @@ def test_group_on_two_devices_is_refused():
 
 
 def test_integer_params_are_refused():
-    with pytest.raises(ValueError, match="params must be floating point, got torch.int64"):
+    with pytest.raises(ValueError,
+                       match="params must be floating point or complex, got torch.int64"):
         FusedAdamW([torch.zeros(3, dtype=torch.int64)])
 
 
