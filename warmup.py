@@ -16,20 +16,34 @@ Warmup, ``0 <= e <= T``, ``lr(e) = base * f(e)`` with ``f(T) = m``::
     "exponential":  f = s * (m / s) ** r                 (geometric; needs s > 0)
     "cosine":       f = s + (m - s) * (1 - cos(pi * r)) / 2
 
-After warmup, ``e > T``: without ``after_scheduler`` the LR stays at ``target``; with one, the LR
-is the after_scheduler's own LR at *its* epoch ``e - T``, as if it had been built on an optimizer
-whose LR was ``target``: its epoch 0 coincides with ``e = T``, so ``StepLR(step_size=k)`` first
-decays at ``e = T + k`` and ``CosineAnnealingLR`` continues from the peak without a spike.
-A ``ReduceLROnPlateau`` after_scheduler gets ``step(metrics=val_loss)``; metrics are ignored during
-warmup and the plateau logic starts from ``target`` at ``e = T + 1``.
+After warmup, ``e >= T``: without ``after_scheduler`` the LR stays at ``target``; with one, the
+LR is the after_scheduler's own LR at *its* epoch ``e - T``, as if it had been built on an
+optimizer whose LR was ``target``. Its epoch 0 *is* ``e = T``, as in torch's
+``SequentialLR([LinearLR(opt, 1 / m, 1, T), after], [T])``: for a scheduler that starts at its
+base that is the target, so ``StepLR(step_size=k)`` first decays at ``e = T + k`` and
+``CosineAnnealingLR`` continues from the peak without a spike; one that does not (``ConstantLR``,
+``LinearLR(start_factor < 1)``) keeps all its epochs, the first at ``e = T``.
 
-Recipes (per-iteration warmup: call ``step()`` every batch and count ``T`` in iterations)::
+A ``ReduceLROnPlateau`` after_scheduler (or a subclass) gets ``step(metrics=val_loss)``, or
+``step(val_loss)`` as Lightning calls it: with a plateau after_scheduler a float or a 0-dim tensor
+where the epoch goes is the metric (an int is still an epoch; with any other after_scheduler a
+non-int epoch raises). Metrics of the steps up to ``e = T`` are ignored (warmup); the plateau logic
+starts from ``target`` with the metric given at the step to ``e = T + 1``.
+
+Recipes (per-iteration warmup: call ``step()`` every batch and count ``T`` in iterations; the
+README has each one's code, tests/test_warmup.py checks each against its closed form)::
 
     Goyal et al. (k GPUs, linear scaling rule): lr=eta, multiplier=k, total_epoch=5
     ResNet-110 (0.01 then 0.1):      lr=0.1, multiplier=1, start_factor=0.1, "constant", T=400
     maskrcnn-benchmark:              multiplier=1, start_factor=WARMUP_FACTOR, T=WARMUP_ITERS,
                                      warmup_method=WARMUP_METHOD, after_scheduler=MultiStepLR
     SuperGradients linear step:      multiplier=1, start_factor=1 / (1 + T), "linear"
+    warmup-stable-decay (WSD):       multiplier=1, after_scheduler=SequentialLR(
+                                         [ConstantLR(factor=1, total_iters=S),
+                                          LinearLR(1, 0, total_iters=D)], milestones=[S])
+    cosine down to a minimum LR:     after_scheduler=CosineAnnealingLR(T_max=N - T, eta_min=lr_min)
+    linear decay to zero:            after_scheduler=LinearLR(1, 0, total_iters=N - T)
+    inverse square root:             after_scheduler=LambdaLR(lambda k: (T / (T + k)) ** 0.5)
 
 Example:
     >>> import torch
@@ -57,15 +71,25 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import types
 import warnings
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
     CyclicLR,
+    ExponentialLR,
+    LambdaLR,
+    LinearLR,
     LRScheduler,
+    MultiplicativeLR,
+    MultiStepLR,
     OneCycleLR,
+    PolynomialLR,
     ReduceLROnPlateau,
+    StepLR,
 )
 
 __all__ = ["GradualWarmupScheduler", "WARMUP_METHODS"]
@@ -76,6 +100,20 @@ WARMUP_METHODS = ("linear", "constant", "exponential", "cosine")
 # Schedulers whose LRs are absolute (given as their own arguments), so the handoff leaves their
 # base LRs alone instead of re-basing them on the warmup target.
 _ABSOLUTE_SCHEDULERS = (CyclicLR, OneCycleLR)
+
+# torch's schedulers whose whole state is their epoch count (the rest are constructor arguments):
+# restarting one (a second handoff, e.g. after step(epoch) went back) is rewinding that count.
+# Any other after_scheduler is restarted from a state_dict() snapshot taken at construction. Not
+# taking one when it is not needed matters for speed: reading an object's __dict__ makes CPython
+# (3.11) keep its attributes in a real dict from then on, and that made every later
+# after_scheduler.step() 0.5-0.8 us slower (bench/sched_overhead.py), more than this whole wrapper.
+_REWINDABLE = (
+    StepLR, MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR, CosineAnnealingLR,
+    LambdaLR, MultiplicativeLR,
+)
+
+# Attributes that state_dict() leaves out: objects, and what is derived from after_scheduler.
+_NOT_SAVED = ("optimizer", "after_scheduler", "_after_fresh", "_plateau", "_after_running")
 
 _ORDER_WARNING = (
     "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
@@ -107,7 +145,8 @@ class GradualWarmupScheduler(LRScheduler):
 
     Attributes:
         multiplier, total_epoch, after_scheduler: as given.
-        finished (bool): True once ``e > total_epoch`` (the after_scheduler has taken over).
+        finished (bool): True once ``e >= total_epoch``: warmup is over (an after_scheduler is
+            in charge from its epoch 0, at ``e = total_epoch``).
     """
 
     def __init__(
@@ -156,10 +195,16 @@ class GradualWarmupScheduler(LRScheduler):
         self.start_factor = float(start_factor)
         self.after_scheduler = after_scheduler
         self.finished = False
-        # The after_scheduler as it was built: every handoff restarts it from this state.
-        self._after_fresh = (
-            None if after_scheduler is None else copy.deepcopy(after_scheduler.state_dict())
-        )
+        # Derived from after_scheduler, never saved: is it a plateau one, and is it in charge
+        # (finished, and not a plateau one: then step() is the after_scheduler's step alone)?
+        self._plateau = isinstance(after_scheduler, ReduceLROnPlateau)
+        self._after_running = False
+        # The after_scheduler as it was built, for restarting it at a second handoff; None when
+        # it needs none (no after_scheduler, or one whose restart is a rewind of its count).
+        self._after_fresh = None
+        if after_scheduler is not None and not _rewindable(after_scheduler):
+            self._after_fresh = copy.deepcopy(after_scheduler.state_dict())
+        self._after_started = False  # has a handoff started the after_scheduler yet?
         # Base LRs as Python floats, read once here (a tensor LR costs one sync, now only).
         bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         self._bases = bases
@@ -173,53 +218,72 @@ class GradualWarmupScheduler(LRScheduler):
         Args:
             epoch (int, optional): the step count to move to; equal to reaching it by ``step()``
                 (for ReduceLROnPlateau it only sets the counter: the plateau logic sees one
-                metric per call) (default: None, meaning ``last_epoch + 1``).
-            metrics (float, optional): validation metric for a ReduceLROnPlateau
+                metric per call). With a ReduceLROnPlateau after_scheduler a float or a 0-dim
+                tensor here is the metric instead, since Lightning calls ``step(metric)``
+                (default: None, meaning ``last_epoch + 1``).
+            metrics (float or Tensor, optional): validation metric for a ReduceLROnPlateau
                 after_scheduler; ignored during warmup and by other schedulers (default: None).
         """
+        if epoch is None and self._after_running:
+            # After the handoff a plain step() is the after_scheduler's own step and a count:
+            # this path is the whole per-step cost of a long run, so it does nothing else.
+            self.after_scheduler.step()
+            self.last_epoch += 1
+            return
+        if epoch is not None and not _is_int(epoch):
+            if not (self._plateau and _is_metric(epoch)):
+                raise TypeError(_bad_epoch_message(epoch, self.after_scheduler, self._plateau))
+            if metrics is not None:
+                raise TypeError(
+                    f"step() got the metric twice: positionally ({epoch!r}) and as "
+                    f"metrics={metrics!r}"
+                )
+            epoch, metrics = None, epoch  # Lightning's step(metric) for a plateau scheduler
         if epoch is None:
             epoch = self.last_epoch + 1
-        elif not _is_int(epoch):
-            raise TypeError(
-                f"epoch must be an int (the number of steps so far), got {epoch!r}; "
-                "to pass a validation metric use step(metrics=...)"
-            )
         elif epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch!r}")
-        plateau = isinstance(self.after_scheduler, ReduceLROnPlateau)
-        if plateau and epoch > self.total_epoch and metrics is None:
+        T = self.total_epoch
+        if self._plateau and epoch > T and metrics is None:
             raise TypeError(
-                "step() needs metrics=... once warmup is over (epoch "
-                f"{epoch} > total_epoch {self.total_epoch}), since after_scheduler is "
-                f"{type(self.after_scheduler).__name__}"
+                f"step() needs metrics=... once warmup is over (epoch {epoch} > total_epoch "
+                f"{T}), since after_scheduler is {type(self.after_scheduler).__name__}"
             )
         if self._step_count == 1 and not getattr(self.optimizer, "_opt_called", False):
             warnings.warn(_ORDER_WARNING, UserWarning, stacklevel=2)
         self._step_count += 1
 
-        if epoch <= self.total_epoch or self.after_scheduler is None:
-            self.finished = epoch > self.total_epoch
+        after = self.after_scheduler
+        if after is None or epoch < T:
             _set_lrs(self.optimizer, self._lrs_at(epoch))
             self._last_lr = _lr_list(self.optimizer)
-        elif plateau:
-            if not self.finished:
-                self._handoff()
-            self.after_scheduler.step(metrics)
+        elif self._plateau:
+            if not self.finished or epoch == T:
+                self._handoff()  # the plateau logic starts afresh from the target
+            if epoch > T:
+                after.step(metrics)
+            self._last_lr = after.get_last_lr()
         else:
             # Replay from the handoff unless moving forward from a post-warmup epoch, so an
             # explicit epoch gives exactly the LR of reaching it by step() (torch's chainable
             # schedulers compute from the current LR, so jumping needs a replay).
             if not self.finished or epoch <= self.last_epoch:
-                self._handoff()
-                at = self.total_epoch
+                self._handoff()  # the after_scheduler's epoch 0 is e = T
+                at = T
             else:
                 at = self.last_epoch
             for _ in range(epoch - at):
-                self.after_scheduler.step()
-        if self.finished and self.after_scheduler is not None:
-            # the after_scheduler has just snapshotted the LRs (cloning tensors): share that
-            self._last_lr = list(self.after_scheduler.get_last_lr())
+                after.step()
+            self._last_lr = after.get_last_lr()
         self.last_epoch = epoch
+        self.finished = epoch >= T
+        self._after_running = self.finished and after is not None and not self._plateau
+
+    def get_last_lr(self) -> list[float | torch.Tensor]:
+        """The LRs that the last ``step()`` set (tensors are copies, as torch's schedulers')."""
+        if self._after_running:
+            return self.after_scheduler.get_last_lr()
+        return self._last_lr
 
     def get_lr(self) -> list[float | torch.Tensor]:
         """The LRs at ``last_epoch`` (use ``get_last_lr()``; this one exists for LRScheduler)."""
@@ -229,8 +293,8 @@ class GradualWarmupScheduler(LRScheduler):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data: this scheduler's fields plus the after_scheduler's own ``state_dict()``."""
-        skip = ("optimizer", "after_scheduler", "_after_fresh")
-        state = {k: copy.copy(v) for k, v in self.__dict__.items() if k not in skip}
+        state = {k: copy.copy(v) for k, v in self.__dict__.items() if k not in _NOT_SAVED}
+        state["_last_lr"] = list(self.get_last_lr())
         state["after_scheduler"] = (
             None if self.after_scheduler is None else self.after_scheduler.state_dict()
         )
@@ -238,8 +302,8 @@ class GradualWarmupScheduler(LRScheduler):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; load the optimizer's state too (chainable LRs live there)."""
-        state = dict(state_dict)
-        after_state = state.pop("after_scheduler", None)
+        after_state = state_dict.get("after_scheduler")
+        state = {k: v for k, v in state_dict.items() if k not in _NOT_SAVED}
         if (after_state is None) != (self.after_scheduler is None):
             raise ValueError(
                 "state_dict and scheduler disagree on after_scheduler: saved "
@@ -249,6 +313,9 @@ class GradualWarmupScheduler(LRScheduler):
         self.__dict__.update(state)
         if self.after_scheduler is not None:
             self.after_scheduler.load_state_dict(after_state)
+        self._after_running = (
+            self.finished and self.after_scheduler is not None and not self._plateau
+        )
 
     # ----------------------------------------------------------------------------------------
     def _lrs_at(self, epoch: int) -> list[float]:
@@ -260,11 +327,15 @@ class GradualWarmupScheduler(LRScheduler):
         return [base * factor for base in self._bases]
 
     def _handoff(self) -> None:
-        """Restart the after_scheduler at its epoch 0, as if built on an optimizer at target."""
+        """(Re)start the after_scheduler at its epoch 0, as if built on an optimizer at target."""
         targets = [base * self.multiplier for base in self._bases]
         _set_lrs(self.optimizer, targets)
-        self.after_scheduler.load_state_dict(copy.deepcopy(self._after_fresh))
+        if self._after_fresh is not None:
+            self.after_scheduler.load_state_dict(copy.deepcopy(self._after_fresh))
+        elif self._after_started:
+            self.after_scheduler.last_epoch = 0  # back to as built (a rewindable scheduler)
         _rebase(self.after_scheduler, targets)
+        self._after_started = True
         self.finished = True
 
 
@@ -308,6 +379,14 @@ def _rebase(scheduler: LRScheduler, targets: list[float]) -> None:
     scheduler._last_lr = _lr_list(scheduler.optimizer)
 
 
+def _rewindable(scheduler: LRScheduler) -> bool:
+    """True if restarting ``scheduler`` needs no snapshot: see ``_REWINDABLE``."""
+    lr_lambdas = getattr(scheduler, "lr_lambdas", ())  # a callable object may have state
+    return type(scheduler) in _REWINDABLE and all(
+        isinstance(fn, types.FunctionType) for fn in lr_lambdas
+    )
+
+
 def _set_base_lrs(scheduler: LRScheduler, targets: list[float]) -> None:
     for child in getattr(scheduler, "_schedulers", ()):
         _set_base_lrs(child, targets)
@@ -330,6 +409,26 @@ def _lr_list(optimizer: torch.optim.Optimizer) -> list[float | torch.Tensor]:
         g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
         for g in optimizer.param_groups
     ]
+
+
+def _is_metric(value: Any) -> bool:
+    """A value ReduceLROnPlateau takes as its metric: a real number or a 0-dim tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0
+    return _is_real(value)
+
+
+def _bad_epoch_message(epoch: Any, after_scheduler: LRScheduler | None, plateau: bool) -> str:
+    if plateau:
+        return (
+            "epoch must be an int (the number of steps so far) or, since after_scheduler is "
+            f"{type(after_scheduler).__name__}, the metric (a number or a 0-dim tensor), "
+            f"got {epoch!r}"
+        )
+    return (
+        f"epoch must be an int (the number of steps so far), got {epoch!r}; "
+        "to pass a validation metric use step(metrics=...)"
+    )
 
 
 def _is_int(value: Any) -> bool:
