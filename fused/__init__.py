@@ -1,4 +1,4 @@
-"""fused: AdamW as a Triton kernel that reads the learning rate from a device tensor.
+"""fused: optimizers as Triton kernels that read the learning rate from a device tensor.
 
 >>> from fused import FusedAdamW
 >>> opt = FusedAdamW(model.parameters(), lr=1e-3, weight_decay=0.1)

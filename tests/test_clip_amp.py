@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import fused.kernel as fk
+import fused.kernels.common as fk
 from fused import FusedAdamW
 
 from .conftest import DEVICES, KERNEL_DEVICES

@@ -153,7 +153,7 @@ def _check_launches(results: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------ DDP
 def _ddp_worker(rank: int, out_dir: str, norm_type: float, bucket_view: bool) -> None:
-    import fused.kernel as fk
+    import fused.kernels.common as fk
     from fused import FusedAdamW
 
     model = _make_model()
@@ -210,7 +210,7 @@ def _fsdp_worker(rank: int, out_dir: str, norm_type: float) -> None:
         get_optimizer_state_dict,
     )
 
-    import fused.kernel as fk
+    import fused.kernels.common as fk
 
     model, opt = _make_sharded()
     sched = _make_scheduler(opt)
@@ -399,7 +399,7 @@ def test_fsdp2_grad_scaler_overflow_on_one_rank_skips_on_all(tmp_path):
 
 # ------------------------------------------------------------------------------ FSDP2 on a GPU
 def _fsdp_cuda_worker(rank: int, out_dir: str) -> None:
-    import fused.kernel as fk
+    import fused.kernels.common as fk
 
     model, opt = _make_sharded("cuda")
     sched = _make_scheduler(opt)

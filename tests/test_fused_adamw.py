@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-import fused.kernel as fk
+import fused.kernels.common as fk
 from fused import FusedAdamW, fused_adamw
 from fused.reference import adamw_step_reference_
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-import fused.kernel as fk
+import fused.kernels.common as fk
 from bench import train_example
 
 from .conftest import INTERPRET
