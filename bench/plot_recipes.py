@@ -8,7 +8,14 @@ optimizer's LR after each ``step()``, nothing is measured.
 from __future__ import annotations
 
 import torch
-from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LambdaLR,
+    LinearLR,
+    MultiStepLR,
+    SequentialLR,
+)
 
 from bench.common import format_table, log, save_figure
 from warmup import GradualWarmupScheduler
@@ -44,6 +51,33 @@ def _supergradients(opt):
     return GradualWarmupScheduler(opt, 1, 3, after, start_factor=1 / (1 + 3))
 
 
+# The schedules after warmup (the README's blocks): peak LR 3e-4, 100 warmup steps from 0, 1000
+# steps in all.
+WARMUP, STABLE, DECAY, TOTAL, LR_MIN = 100, 600, 300, 1000, 3e-5
+
+
+def _wsd(opt):
+    after = SequentialLR(opt, [ConstantLR(opt, factor=1.0, total_iters=STABLE),
+                               LinearLR(opt, 1.0, 0.0, total_iters=DECAY)],
+                         milestones=[STABLE])
+    return GradualWarmupScheduler(opt, multiplier=1, total_epoch=WARMUP, after_scheduler=after)
+
+
+def _cosine_to_min(opt):
+    after = CosineAnnealingLR(opt, T_max=TOTAL - WARMUP, eta_min=LR_MIN)
+    return GradualWarmupScheduler(opt, multiplier=1, total_epoch=WARMUP, after_scheduler=after)
+
+
+def _linear_to_zero(opt):
+    after = LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=TOTAL - WARMUP)
+    return GradualWarmupScheduler(opt, multiplier=1, total_epoch=WARMUP, after_scheduler=after)
+
+
+def _inverse_sqrt(opt):
+    after = LambdaLR(opt, lambda k: (WARMUP / (WARMUP + k)) ** 0.5)
+    return GradualWarmupScheduler(opt, multiplier=1, total_epoch=WARMUP, after_scheduler=after)
+
+
 #: name: (base LR, build(optimizer) -> scheduler, number of steps, x-axis unit)
 RECIPES = {
     "goyal": (0.1, _goyal, 90, "epoch"),
@@ -51,6 +85,10 @@ RECIPES = {
     "maskrcnn-linear": (0.02, _maskrcnn("linear"), 1000, "iteration"),
     "maskrcnn-constant": (0.02, _maskrcnn("constant"), 1000, "iteration"),
     "supergradients": (0.1, _supergradients, 30, "epoch"),
+    "wsd": (3e-4, _wsd, TOTAL, "step"),
+    "cosine-to-min": (3e-4, _cosine_to_min, TOTAL, "step"),
+    "linear-to-zero": (3e-4, _linear_to_zero, TOTAL, "step"),
+    "inverse-sqrt": (3e-4, _inverse_sqrt, TOTAL, "step"),
 }
 
 
@@ -81,15 +119,21 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(RECIPES), figsize=(4 * len(RECIPES), 3.2))
-    for ax, (name, (_, _, _, unit)) in zip(axes, RECIPES.items()):
+    cols = 3
+    rows = -(-len(RECIPES) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, (_, _, _, unit)) in zip(axes.flat, RECIPES.items()):
         values = recipe_lrs(name)
         ax.plot(range(len(values)), values, drawstyle="steps-post")
         ax.set_title(name)
         ax.set_xlabel(unit)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("learning rate")
-    fig.suptitle("warmup.GradualWarmupScheduler: recipe LR curves", y=1.03)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("learning rate")
+    for ax in list(axes.flat)[len(RECIPES):]:
+        ax.axis("off")
+    fig.suptitle("warmup.GradualWarmupScheduler: recipe LR curves", y=1.0)
+    fig.tight_layout()
     save_figure(fig, "warmup_recipes")
     log("goyal, first epochs:")
     print(format_table(recipe_table("goyal"), ["step", "lr"]))
