@@ -381,6 +381,10 @@ class FusedOptimizer(Optimizer):
         """The step count of a loaded state that has none (torch's SGD keeps none)."""
         return torch.zeros((), dtype=torch.float32, device=p.device)
 
+    def _slot_added(self, p: Tensor, state: dict, slot: str) -> None:
+        """A slot was just created (zeros) in the existing state of ``p``, e.g. a group's
+        momentum turned on after steps without it (SGD restarts its count of momentum steps)."""
+
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -413,6 +417,7 @@ class _Plan:
                 for slot in slots:  # e.g. amsgrad turned on after a non-amsgrad checkpoint
                     if _slot_value(state, slot, slot in opt.SIGNED_SLOTS) is None:
                         _set_slot(state, slot, p, fmt, None, slot in opt.SIGNED_SLOTS)
+                        opt._slot_added(p, state, slot)
                 stochastic = group["stochastic_rounding"]
                 bucket_key = (p.device, _real(p).dtype, group["lr"].dtype, fmt, stochastic,
                               slots, flags)
@@ -576,7 +581,8 @@ class Bucket:
         lr, hyper)`` → (new p, new slots), all in the compute dtype. Around it the engine
         unscales / clips the grad, loads and stores each slot in its format, rounds the param
         and low-precision state (stochastically with the kernel's Philox bits), and keeps
-        everything as it was under ``found_inf``."""
+        everything as it was under ``found_inf``. A pass of a multi-pass algorithm may leave
+        the param (new p None) or slots (absent from new slots) as they are."""
         for i in idx:
             p = self.locals[i]
             if p.numel() == 0:
@@ -593,10 +599,14 @@ class Bucket:
             bits = (formats.random_words(self.seeds[i], self.param_ids[i], self.steps[i],
                                          p.numel(), p.device) if self.stochastic else None)
             keep = None if ctx.found_inf is None else ctx.found_inf.to(p.device) != 0
-            rounded = formats.round_to(new_p, p.dtype, None if bits is None else bits[0])
-            p.copy_(rounded if keep is None else torch.where(keep, p, rounded.reshape(p.shape)))
+            if new_p is not None:
+                rounded = formats.round_to(new_p, p.dtype, None if bits is None else bits[0])
+                p.copy_(rounded if keep is None
+                        else torch.where(keep, p, rounded.reshape(p.shape)))
             for k, name in enumerate(self.slot_names):
-                self._store(name, k, i, new[name], None if bits is None else bits[1 + k], keep)
+                if name in new:
+                    self._store(name, k, i, new[name], None if bits is None else bits[1 + k],
+                                keep)
 
     def _load(self, name: str, k: int, i: int) -> Tensor:
         t = self.slots[name][i]

@@ -337,10 +337,14 @@ def _segment_sum_kernel(
     count = tl.load(row + 14)
     for k in tl.static_range(K):
         acc = tl.zeros([CHUNK], tl.float64)
-        for start in range(0, count, CHUNK):
+        # a while loop, not range(0, count, CHUNK): the interpreter cannot use a loaded scalar
+        # (a 1-element array there) as a range bound
+        start = count * 0
+        while start < count:
             idx = start + tl.arange(0, CHUNK)
             acc += tl.load(partial_ptr + (first + idx) * K + k, mask=idx < count,
                            other=0.0).to(tl.float64)
+            start += CHUNK
         tl.store(out_ptr + tensor * K + k, tl.sum(acc, axis=0).to(tl.float32))
 
 
