@@ -13,8 +13,9 @@ from .conftest import DEVICES
 
 def _model(device, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
-                               torch.nn.Linear(64, 8)).to(device)
+    # the first weight has 4096 elements: it gets 8-bit state where asked
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(),
+                               torch.nn.Linear(128, 8)).to(device)
 
 
 def _schedule(opt):
@@ -24,7 +25,10 @@ def _schedule(opt):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device):
+@pytest.mark.parametrize("state", [{}, dict(state_dtype=torch.bfloat16, stochastic_rounding=True),
+                                   dict(state_dtype=torch.uint8)],
+                         ids=["fp32-state", "bf16-state-sr", "8bit-state"])
+def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device, state):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
@@ -32,8 +36,10 @@ def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device):
     counter = CompileCounter()  # a backend that counts its invocations (= compilations)
 
     model, twin = _model(device), _model(device)
-    opt, twin_opt = FusedAdamW(model.parameters(), lr=1e-3), FusedAdamW(twin.parameters(),
-                                                                          lr=1e-3)
+    torch.manual_seed(1)  # the same rounding seed for both
+    opt = FusedAdamW(model.parameters(), lr=1e-3, **state)
+    torch.manual_seed(1)
+    twin_opt = FusedAdamW(twin.parameters(), lr=1e-3, **state)
     sched, twin_sched = _schedule(opt), _schedule(twin_opt)
     x = torch.randn(16, 32, device=device)
 
@@ -57,6 +63,8 @@ def test_compiled_training_step_does_not_recompile_when_the_lr_changes(device):
         compiled(model, opt, x)
         train_step(twin, twin_opt, x)
     assert len(lrs) == 12  # the LR really changed every step
+    if state.get("state_dtype") == torch.uint8:
+        assert "exp_avg_codes" in opt.state[model[0].weight]
     assert counter.frame_count == first  # ... and nothing was recompiled for it
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
