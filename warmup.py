@@ -38,6 +38,7 @@ README has each one's code, tests/test_warmup.py checks each against its closed 
     maskrcnn-benchmark:              multiplier=1, start_factor=WARMUP_FACTOR, T=WARMUP_ITERS,
                                      warmup_method=WARMUP_METHOD, after_scheduler=MultiStepLR
     SuperGradients linear step:      multiplier=1, start_factor=1 / (1 + T), "linear"
+    (the next four warm up from 0 to the optimizer's lr, which is their peak; N = run length)
     warmup-stable-decay (WSD):       multiplier=1, after_scheduler=SequentialLR(
                                          [ConstantLR(factor=1, total_iters=S),
                                           LinearLR(1, 0, total_iters=D)], milestones=[S])
