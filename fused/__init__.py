@@ -5,5 +5,7 @@
 """
 
 from .adamw import FusedAdamW, fused_adamw
+from .lamb import FusedLAMB
+from .sgd import FusedLARS, FusedSGD
 
-__all__ = ["FusedAdamW", "fused_adamw"]
+__all__ = ["FusedAdamW", "fused_adamw", "FusedSGD", "FusedLARS", "FusedLAMB"]
