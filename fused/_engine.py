@@ -597,7 +597,9 @@ class Bucket:
             new_p, new = math_fn(i, p.to(dtype), g, dict(old), self.steps[i], self.lrs[i],
                                  (hypers or self.hypers)[i])
             bits = (formats.random_words(self.seeds[i], self.param_ids[i], self.steps[i],
-                                         p.numel(), p.device) if self.stochastic else None)
+                                         tuple(p.shape), p.device,
+                                         quantized=self.format == torch.uint8)
+                    if self.stochastic else None)
             keep = None if ctx.found_inf is None else ctx.found_inf.to(p.device) != 0
             if new_p is not None:
                 rounded = formats.round_to(new_p, p.dtype, None if bits is None else bits[0])

@@ -11,9 +11,10 @@ Rounding is formed in integer bits (bf16) or in exact power-of-two arithmetic (f
 narrowing cast: a cast rounds to nearest on the GPU but truncates in the Triton interpreter.
 
 Stochastic rounding of x between its two neighbours lo < x < hi rounds up with probability
-(x − lo) / (hi − lo), so E[round(x)] = x. The bits come from Philox4x32-10 keyed by the
-optimizer's seed with the counter (element offset low/high word, param id, step count): a fresh,
-reproducible stream per element, param and step, computed on the device without a host RNG.
+(x − lo) / (hi − lo), so E[round(x)] = x. The bits are 16-bit fields of Philox4x32-10 words keyed
+by the optimizer's seed with the counter (offset of an element pair, param id, step count): a
+fresh, reproducible stream per element, param and step, computed on the device without a host
+RNG (:func:`random_words`).
 
 8-bit state: ``codes`` (uint8, the param's shape) index a 256-entry code map in [−1, 1] (signed,
 for the first moment) or [0, 1] (unsigned, for the second), scaled by one fp32 absmax per block.
@@ -61,21 +62,40 @@ def philox(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> tuple[T
     return c0, c1, c2, c3
 
 
-def random_words(seed: int, param_id: int, step: Tensor, numel: int,
-                 device: torch.device) -> tuple[Tensor, ...]:
-    """Four uint32 words (in int64) per element of a tensor: the stream the kernels draw for
-    element offset ``i`` of param ``param_id`` at ``step`` (a device tensor, never read on the
-    host). Word 0 rounds the param, words 1–3 the state slots."""
-    offs = torch.arange(numel, dtype=torch.int64, device=device)
+def random_words(seed: int, param_id: int, step: Tensor, shape: tuple[int, ...],
+                 device: torch.device, *, quantized: bool = False) -> tuple[Tensor, ...]:
+    """The kernels' stochastic-rounding bits for a tensor of ``shape``: four int64 tensors of
+    that shape holding each element's 16-bit field for store k (0 the param, 1-3 the slots),
+    at ``step`` (a device tensor, never read on the host).
+
+    One Philox call per pair of neighbouring elements in the kernel's walk (flat, or the 8-bit
+    blocks of ``quantized`` tensors), counter = (offset of the pair's first element low/high
+    word, param id, step); the low half of each word goes to the first element, the high half
+    to the second."""
+    numel = math.prod(shape)
+    offsets = torch.arange(numel, dtype=torch.int64, device=device)
+    if quantized:  # pairs inside each block of the 8-bit layout (padding lanes: unused)
+        lanes = _blocks(offsets.reshape(shape), fill=-1)
+    else:
+        lanes = torch.nn.functional.pad(offsets, (0, numel % 2), value=-1).reshape(-1, 2)
+    first = lanes.reshape(lanes.shape[0], -1, 2)[..., 0].clamp(min=0)
     step_word = step.to(device=device, dtype=torch.int64).reshape(()) & _M32
-    return philox(seed, offs & _M32, offs >> 32, torch.full_like(offs, param_id & _M32),
-                  step_word.expand(numel))
+    words = philox(seed, first & _M32, first >> 32, torch.full_like(first, param_id & _M32),
+                   step_word.expand(first.shape))
+    fields = []
+    for w in words:
+        pair = torch.stack([w & 0xFFFF, w >> 16], dim=-1).reshape(lanes.shape)
+        valid = lanes >= 0
+        flat = torch.empty(numel, dtype=torch.int64, device=device)
+        flat[lanes[valid]] = pair[valid]
+        fields.append(flat.reshape(shape))
+    return tuple(fields)
 
 
 # ------------------------------------------------------------------ bf16 / fp16 rounding
 def round_bf16(x: Tensor, bits: Tensor | None) -> Tensor:
     """fp32 → bf16 in integer bits: to nearest even (``bits`` None) or stochastically (the low
-    16 bits of ``bits`` decide). NaN stays NaN, inf stays inf."""
+    16 bits of ``bits``, a random field, decide). NaN stays NaN, inf stays inf."""
     u = x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
     if bits is None:
         r = 0x7FFF + ((u >> 16) & 1)
@@ -89,8 +109,9 @@ def round_bf16(x: Tensor, bits: Tensor | None) -> Tensor:
 
 def round_fp16(x: Tensor, bits: Tensor | None) -> Tensor:
     """fp32 → fp16 in exact power-of-two arithmetic: to nearest even (``bits`` None) or
-    stochastically (the high 24 bits of ``bits`` are a uniform number in [0, 1)). fp16
-    subnormals are rounded on their own grid; values past fp16's range become inf."""
+    stochastically (the low 16 bits of ``bits`` are a uniform number in [0, 1): exact for
+    normal values, whose fraction has at most 13 bits). fp16 subnormals are rounded on their
+    own grid; values past fp16's range become inf."""
     x = x.float()
     u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
     exponent = (((u >> 23) & 0xFF) - 127).clamp(-14, 15)  # spacing 2**(e - 10)
@@ -102,7 +123,7 @@ def round_fp16(x: Tensor, bits: Tensor | None) -> Tensor:
         odd = torch.remainder(lo, 2) == 1
         up = (frac > 0.5) | ((frac == 0.5) & odd)
     else:
-        uniform = (bits.reshape(u.shape) >> 8).float() * (1.0 / 16777216.0)
+        uniform = (bits.reshape(u.shape) & 0xFFFF).float() * (1.0 / 65536.0)
         up = uniform < frac
     y = (lo + up.float()) / scale  # exact
     y = torch.where(x < 0, -y, y)
@@ -169,14 +190,15 @@ def scales_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], -(-c // QBLOCK))
 
 
-def _blocks(x: Tensor) -> Tensor:
-    """``x`` as (blocks, QBLOCK) rows padded with zeros, in ``scales_shape`` order."""
+def _blocks(x: Tensor, fill: float = 0) -> Tensor:
+    """``x`` as (blocks, QBLOCK) rows padded with ``fill``, in ``scales_shape`` order."""
     flat = x.reshape(-1)
     c = row_length(x.shape)
     n_rows = -(-flat.numel() // c)
-    rows = torch.nn.functional.pad(flat, (0, n_rows * c - flat.numel())).reshape(n_rows, c)
+    rows = torch.nn.functional.pad(flat, (0, n_rows * c - flat.numel()), value=fill)
+    rows = rows.reshape(n_rows, c)
     nb = -(-c // QBLOCK)
-    rows = torch.nn.functional.pad(rows, (0, nb * QBLOCK - c))
+    rows = torch.nn.functional.pad(rows, (0, nb * QBLOCK - c), value=fill)
     return rows.reshape(n_rows * nb, QBLOCK)
 
 
@@ -191,7 +213,7 @@ def _unblocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
 def quantize(x: Tensor, signed: bool, bits: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """fp32 ``x`` → (uint8 codes of x's shape, fp32 scales of ``scales_shape``): each block is
     divided by its absmax and mapped to the nearest code (ties up), or stochastically to one of
-    the two codes around it with ``bits`` (the high 24 bits as a uniform number)."""
+    the two codes around it with ``bits`` (16-bit random fields as a uniform number)."""
     qmap = code_map_tensor(signed, x.device)
     blocks = _blocks(x.float())
     absmax = blocks.abs().amax(dim=1)
@@ -205,7 +227,7 @@ def quantize(x: Tensor, signed: bool, bits: Tensor | None = None) -> tuple[Tenso
     if bits is None:  # to nearest, ties up (torchao's rule)
         go_up = (normalized - below) >= (above - below) * 0.5
     else:
-        uniform = (_blocks(bits.reshape(x.shape).to(torch.int64)) >> 8).float() / 16777216.0
+        uniform = (_blocks(bits.reshape(x.shape).to(torch.int64)) & 0xFFFF).float() / 65536.0
         gap = above - below
         go_up = uniform * gap < (normalized - below)
     codes = torch.where(go_up & (codes < 255), up, codes)

@@ -65,7 +65,7 @@ def _adamw_update(
         m = g - (g - m) * (1.0 - one_minus_beta1)
     # second moment
     v = v * beta2 + one_minus_beta2 * g * g
-    # random bits for stochastic rounding: word 0 the param, 1-3 the slots
+    # 16-bit random fields for stochastic rounding: 0 the param, 1-3 the slots
     bits0, bits1, bits2, bits3 = 0, 0, 0, 0
     if STOCHASTIC:
         bits0, bits1, bits2, bits3 = random_words(row, step, offs)

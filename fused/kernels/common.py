@@ -125,21 +125,32 @@ def pow_int(base, exponent):
 
 @triton.jit
 def random_words(row, step, offs):
-    """Four uint32 words per element: Philox4x32-10 keyed by the optimizer's seed, counter
-    (element offset low/high word, param id, step). Word 0 rounds the param, 1–3 the slots."""
+    """16-bit random fields for stochastic rounding, four per element (field k rounds store k:
+    0 the param, 1-3 the state slots), in the shape of ``offs`` (a flat chunk or an 8-bit
+    tile, whose last dimension is even).
+
+    Philox4x32-10 keyed by the optimizer's seed, counter (offset of the pair's first element,
+    low/high word; param id; step): one call per *pair* of neighbouring elements, its four
+    32-bit words split in halves, the low half for the first element, the high half for the
+    second. 16 bits per store keep bf16 and normal fp16 rounding exact; one call per pair halves
+    the integer work, which at 14 bytes/param would otherwise rival the memory time."""
     seed = tl.load(row + 15)
     param_id = tl.load(row + 12)
-    o = offs.to(tl.int64)
-    lo = o.to(tl.uint32)
+    pairs = tl.reshape(offs.to(tl.int64), offs.shape[:-1] + [offs.shape[-1] // 2, 2])
+    first, _ = tl.split(pairs)
+    lo = first.to(tl.uint32)
     zero = lo * 0
-    return tl.philox(seed, lo, (o >> 32).to(tl.uint32), zero + param_id.to(tl.uint32),
-                     zero + step.to(tl.uint32))
+    w0, w1, w2, w3 = tl.philox(seed, lo, (first >> 32).to(tl.uint32),
+                               zero + param_id.to(tl.uint32), zero + step.to(tl.uint32))
+    return (tl.interleave(w0 & 0xFFFF, w0 >> 16), tl.interleave(w1 & 0xFFFF, w1 >> 16),
+            tl.interleave(w2 & 0xFFFF, w2 >> 16), tl.interleave(w3 & 0xFFFF, w3 >> 16))
 
 
 @triton.jit
 def round_bf16(x, bits, STOCHASTIC: tl.constexpr):
     """fp32 → an fp32 holding a bf16 value, rounded in integer bits: to nearest even, or up
-    with probability (low 16 bits) / 2**16 from ``bits`` (unbiased). NaN stays NaN."""
+    with probability (low 16 bits) / 2**16 from a 16-bit random field (unbiased). NaN stays
+    NaN."""
     u = x.to(tl.uint32, bitcast=True)
     if STOCHASTIC:
         r = bits & 0xFFFF
@@ -153,8 +164,9 @@ def round_bf16(x, bits, STOCHASTIC: tl.constexpr):
 @triton.jit
 def round_fp16(x, bits, STOCHASTIC: tl.constexpr):
     """fp32 → an fp32 holding an fp16 value, in exact power-of-two arithmetic on fp16's grid at
-    x (subnormals included): to nearest even, or up with probability equal to the fraction,
-    from the high 24 bits of ``bits``. Past fp16's range the store gives inf."""
+    x (subnormals included): to nearest even, or up with probability equal to the fraction
+    (exact for normal values, whose fraction has at most 13 bits), from a 16-bit random field.
+    Past fp16's range the store gives inf."""
     u = x.to(tl.uint32, bitcast=True)
     e = ((u >> 23) & 0xFF).to(tl.int32) - 127
     e = tl.minimum(tl.maximum(e, -14), 15)
@@ -163,7 +175,7 @@ def round_fp16(x, bits, STOCHASTIC: tl.constexpr):
     lo = tl.floor(t)
     frac = t - lo
     if STOCHASTIC:
-        up = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) < frac
+        up = (bits & 0xFFFF).to(tl.float32) * (1.0 / 65536.0) < frac
     else:
         odd = (lo - 2.0 * tl.floor(lo * 0.5)) == 1.0
         up = (frac > 0.5) | ((frac == 0.5) & odd)
@@ -225,7 +237,8 @@ def store_slot(row, SLOT: tl.constexpr, offs, mask, q, exists, qmap_ptr, x, bits
                FORMAT: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr):
     """Store fp32 ``x`` into state slot ``SLOT``: fp32 as is; bf16 rounded (to nearest even or
     stochastically); 8-bit: each block's absmax to the scales, x / absmax to the nearest code
-    (ties up) or stochastically to one of the two codes around it."""
+    (ties up) or stochastically to one of the two codes around it. ``bits``: the slot's 16-bit
+    random fields."""
     if FORMAT == 2:
         codes_ptr = tl.load(row + 2 + SLOT).to(tl.pointer_type(tl.uint8))
         scale_ptr = tl.load(row + 5 + SLOT).to(tl.pointer_type(tl.float32))
@@ -238,7 +251,7 @@ def store_slot(row, SLOT: tl.constexpr, offs, mask, q, exists, qmap_ptr, x, bits
         below = tl.load(qmap_ptr + code)
         above = tl.load(qmap_ptr + above_code)
         if STOCHASTIC:
-            up = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) * (above - below) < y - below
+            up = (bits & 0xFFFF).to(tl.float32) * (1.0 / 65536.0) * (above - below) < y - below
         else:
             up = (y - below) >= (above - below) * 0.5
         code = tl.where(up, above_code, code)
