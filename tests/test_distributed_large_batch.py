@@ -7,7 +7,9 @@ recipes' param groups (weight decay, and so LARS / LAMB adaptation, on the weigh
 only), the warmup + cosine schedule, ``opt.clip_grad_norm_`` before the LARS step and LAMB's own
 global clip. The parent trains the same model on the full batches in one process with
 ``torch.optim.SGD`` and timm's ``Lars`` / ``Lamb`` (their transcription in fused/reference.py
-without timm) and ``torch.nn.utils.clip_grad_norm_``, and compares.
+without timm) and ``torch.nn.utils.clip_grad_norm_``, and compares. Under FSDP2 the ranks also
+gather the optimizer state with torch.distributed.checkpoint, load it into a fresh sharded
+model and optimizer, and check that one more step matches the uninterrupted run.
 
 Under FSDP2 a trust ratio needs the norms of the whole tensor while a rank holds a shard: the
 per-shard sums of p² and g² (LARS) or p² and u² (LAMB) are all-reduced on the device, so the
@@ -78,6 +80,18 @@ def _train(model: nn.Module, forward, opt, kind: str, rank: int | None = None) -
         sched.step()
 
 
+def _sharded_model() -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = _make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
 def _worker(rank: int, out_dir: str, mode: str) -> None:
     import fused
     import fused.kernels.common as fk
@@ -85,19 +99,12 @@ def _worker(rank: int, out_dir: str, mode: str) -> None:
     classes = {"sgd": fused.FusedSGD, "lars": fused.FusedLARS, "lamb": fused.FusedLAMB}
     results = {"interpreted": fk.interpreter_enabled()}
     for kind in KINDS:
-        model = _make_model()
         if mode == "ddp":
+            model = _make_model()
             # the grads are views into DDP's all-reduce buckets: their addresses never move
             forward = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            forward = fully_shard(model, mesh=mesh)
+            model = forward = _sharded_model()
         opt = classes[kind](_groups(model, kind), **CONFIGS[kind])
         before = fk.launches
         _train(model, forward, opt, kind, rank)
@@ -105,23 +112,47 @@ def _worker(rank: int, out_dir: str, mode: str) -> None:
         if mode == "ddp":
             result["params"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         else:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_optimizer_state_dict,
-            )
-
-            result["params"] = {k: v.full_tensor().detach().clone()
-                                for k, v in model.named_parameters()}
-            result["shard_rows"] = model[0].weight.to_local().shape[0]
-            # the optimizer state gathered into whole tensors, keyed by parameter FQN
-            osd = get_optimizer_state_dict(model, opt,
-                                           options=StateDictOptions(full_state_dict=True))
-            result["state"] = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v)
-                                     .detach().clone() for k, v in s.items()}
-                               for fqn, s in osd["state"].items()}
-            result["group_steps"] = [g.get("step") for g in osd["param_groups"]]
+            result.update(_fsdp_results(model, opt, classes[kind], kind, rank))
         results[kind] = result
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _fsdp_results(model, opt, cls, kind: str, rank: int) -> dict:
+    """Whole params and gathered state; then a resume: a fresh sharded model and optimizer
+    loaded from the full state dicts (torch.distributed.checkpoint) take one more step, as the
+    original does: the results must be the same."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    result = {"params": {k: v.full_tensor().detach().clone()
+                         for k, v in model.named_parameters()},
+              "shard_rows": model[0].weight.to_local().shape[0]}
+    # the optimizer state gathered into whole tensors, keyed by parameter FQN
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    result["state"] = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v)
+                             .detach().clone() for k, v in s.items()}
+                       for fqn, s in osd["state"].items()}
+    result["group_steps"] = [g.get("step") for g in osd["param_groups"]]
+    msd = get_model_state_dict(model, options=options)
+    restored = _sharded_model()
+    restored_opt = cls(_groups(restored, kind), **dict(CONFIGS[kind], lr=123.0))
+    _make_scheduler(restored_opt)  # (its initial_lr is in the checkpoint's groups)
+    set_model_state_dict(restored, msd, options=options)
+    set_optimizer_state_dict(restored, restored_opt, osd, options=options)
+    x, y = (t.chunk(WORLD)[rank] for t in _batch(STEPS))
+    for m, o in ((model, opt), (restored, restored_opt)):
+        o.zero_grad(set_to_none=True)
+        F.mse_loss(m(x), y).backward()
+        o.step()
+    result["resumed"] = [{k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+                         for m in (model, restored)]
+    return result
 
 
 def _reference(kind: str):
@@ -158,9 +189,13 @@ def _check(results: list[dict], mode: str) -> None:
                     torch.testing.assert_close(ours[slot], theirs[slot], rtol=1e-5, atol=1e-7,
                                                msg=lambda m, k=kind, s=slot: f"{k} {s}: {m}")
                 assert float(ours["step"]) == STEPS
-        if kind == "lamb":  # timm's per-group step count
-            for res in results:
+        for res in results:
+            if kind == "lamb":  # timm's per-group step count
                 assert [float(s) for s in res[kind]["group_steps"]] == [STEPS, STEPS]
+            # a resumed run steps exactly like the uninterrupted one
+            uninterrupted, resumed = res[kind]["resumed"]
+            for name, p in uninterrupted.items():
+                assert torch.equal(p, resumed[name]), (kind, name)
 
 
 def test_ddp_matches_single_process(tmp_path):
