@@ -11,11 +11,7 @@ own; without timm the LARS / LAMB parity tests run against the reference (``_Ref
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import io
-import sys
-import types
 import warnings
 
 import pytest
@@ -40,26 +36,14 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 # ------------------------------------------------------------------------------------ timm
 def timm_optimizers(required: bool = True):
-    """(Lamb, Lars) from the installed timm, loaded without ``timm/__init__`` (which imports
-    torchvision) under a private package name; skips (or returns None) without timm."""
-    name = "_timm_optim_for_tests"
-    if name not in sys.modules:
-        spec = importlib.util.find_spec("timm")
-        if spec is None or not spec.submodule_search_locations:
-            if required:
-                pytest.skip("needs timm: pip install --no-deps timm==1.0.29")
-            return None
-        package = types.ModuleType(name)
-        package.__path__ = [f"{spec.submodule_search_locations[0]}/optim"]
-        sys.modules[name] = package
-    try:
-        lamb = importlib.import_module(f"{name}.lamb")
-        lars = importlib.import_module(f"{name}.lars")
-    except ImportError as error:
-        if required:
-            pytest.skip(f"timm's lamb.py / lars.py do not import: {error}")
-        return None
-    return lamb.Lamb, lars.Lars
+    """(Lamb, Lars) from the installed timm (loaded without ``timm/__init__``, which imports
+    torchvision: the bench's loader); skips (or returns None) without timm."""
+    from bench.large_batch_step import load_timm_optimizers
+
+    timm = load_timm_optimizers()
+    if timm is None and required:
+        pytest.skip("needs timm: pip install --no-deps timm==1.0.29")
+    return timm
 
 
 class _RefLars(torch.optim.Optimizer):
@@ -282,6 +266,24 @@ def test_fp64_params_are_stepped_in_fp64(cpu_path):
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
         assert opt.state[p]["momentum_buffer"].dtype == torch.float64
+
+
+def test_complex_params_step_as_real_pairs(cpu_path):
+    """SGD's math is linear in the grad: a complex param steps as its real/imaginary pairs,
+    equal to torch.optim.SGD on the complex tensor."""
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(5, 3, generator=gen, dtype=torch.complex64).requires_grad_()]
+    b = [a[0].detach().clone().requires_grad_()]
+    opt = FusedSGD(a, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    ref = torch.optim.SGD(b, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True,
+                          foreach=False)
+    for _ in range(3):
+        g = torch.randn(5, 3, generator=gen, dtype=torch.complex64)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(a[0], b[0], **TOL[torch.float32])
+    assert opt.state[a[0]]["momentum_buffer"].dtype == torch.complex64
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -820,6 +822,30 @@ def test_lamb_refuses_a_timm_checkpoint_with_options_it_lacks():
     src.step()
     with pytest.raises(ValueError, match="Invalid caution: True"):
         FusedLAMB([p.detach().clone().requires_grad_()]).load_state_dict(src.state_dict())
+
+
+# ------------------------------------------------------------------------------------ bench
+def test_bench_cases_construct_and_step_on_cpu():
+    """The GPU bench's rows (bench/large_batch_step.py): every constructor takes its arguments
+    and steps tiny CPU params (torch's fused SGD has a CPU kernel); the timm rows where timm
+    imports."""
+    from bench.large_batch_step import BYTES_PER_PARAM, cases
+
+    rows = cases(quick=False)
+    names = {(r["set"], r["optimizer"]) for r in rows}
+    assert {("resnet50", "FusedSGD"), ("flat-1e9", "torch SGD fused"),
+            ("gpt2-124m", "FusedLARS"), ("gpt2-124m", "FusedLAMB")} <= names
+    if timm_optimizers(required=False):
+        assert {("gpt2-124m", "timm Lamb"), ("gpt2-124m", "timm Lars")} <= names
+    for row in rows:
+        assert row["algorithm"] in BYTES_PER_PARAM
+        params = _params([(33,), (4, 5)], torch.float32)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        start = [p.detach().clone() for p in params]
+        row["make"](params).step()
+        assert all(torch.isfinite(p).all() and not torch.equal(p, s)
+                   for p, s in zip(params, start)), row["optimizer"]
 
 
 # ------------------------------------------------------------------------------------ CUDA only
