@@ -66,8 +66,10 @@ class FusedLAMB(FusedOptimizer):
     skipped (params, state and step counts untouched). A pending ``clip_grad_norm_`` applies
     before LAMB's own clip, as if the grads had been clipped first.
 
-    State: ``exp_avg``, ``exp_avg_sq`` (fp32 by default; ``state_dtype`` / ``stochastic_rounding``
-    as in :class:`fused.FusedAdamW`) and the engine's per-param device step count ``step``.
+    State: ``exp_avg``, ``exp_avg_sq`` in fp32, or bf16 with ``state_dtype=torch.bfloat16``
+    (``stochastic_rounding`` as in :class:`fused.FusedAdamW`; 8-bit moments are refused: the
+    update is recomputed from the stored moments, and an 8-bit second moment that rounds to 0
+    would make u = m / eps), and the engine's per-param device step count ``step``.
     ``state_dict()`` is ``timm.optim.Lamb``'s layout: the moments per param and the step count
     per group (``param_groups[i]["step"]``, a tensor, read from the device once per group); a
     timm checkpoint's group step becomes the step count of the group's params.
@@ -87,7 +89,8 @@ class FusedLAMB(FusedOptimizer):
         trust_clip (bool, optional): LAMBC: clip the trust ratio at 1 (default: False)
         always_adapt (bool, optional): adapt params whose group has weight_decay 0 too
             (default: False)
-        state_dtype (torch.dtype, optional): storage of the moments (default: torch.float32)
+        state_dtype (torch.dtype, optional): storage of the moments: ``torch.float32`` or
+            ``torch.bfloat16`` (default: torch.float32)
         stochastic_rounding (bool, optional): round low-precision stores stochastically
             (default: False)
 
@@ -164,6 +167,13 @@ class FusedLAMB(FusedOptimizer):
 
     # ------------------------------------------------------------------ the engine's hooks
     def _validate_hyperparameters(self, group: dict) -> None:
+        if group.get("state_dtype") == torch.uint8:
+            # pass 2 must use the stored moments; an 8-bit exp_avg_sq that rounds to 0 under a
+            # nonzero exp_avg (the dynamic map's floor is 1e-6 of the block's absmax) makes that
+            # element's u = m / eps: 8-bit LAMB state would need another code map, not this one
+            raise ValueError("Invalid state_dtype: torch.uint8 (FusedLAMB keeps its moments in "
+                             "torch.float32 or torch.bfloat16; 8-bit second moments that round "
+                             "to zero blow up LAMB's update)")
         eps = group["eps"]
         if not _engine._is_number(eps) or not 0.0 <= eps < math.inf:
             raise ValueError(f"Invalid epsilon value: {eps}")

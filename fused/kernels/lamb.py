@@ -17,8 +17,9 @@ engine's grad-norm pass adds 4: 44.
 
 Hyperparameter row (fp64, formed in double on the host): β1, β2, β3 (1 − β1, or 1 without
 grad_averaging), 1 − β2, eps, weight_decay, adapt (1.0 where the group's weight_decay ≠ 0 or
-``always_adapt``), bias_correction (1.0 / 0.0). State slots: 0 ``exp_avg`` (signed 8-bit map),
-1 ``exp_avg_sq``.
+``always_adapt``), bias_correction (1.0 / 0.0). State slots: 0 ``exp_avg``, 1 ``exp_avg_sq``, in
+fp32 or bf16 (8-bit moments are refused by FusedLAMB: pass 2 must use the stored moments, and an
+8-bit second moment that rounds to 0 under a nonzero first moment makes u = m / eps).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import triton.language as tl
 from .common import (
     BLOCK,
     FORMATS,
-    FP32,
     NUM_WARPS,
     TL_DTYPES,
     Tables,
@@ -39,12 +39,12 @@ from .common import (
     load_slot,
     pow_int,
     program_chunk,
-    qmap,
-    quant_tile,
     random_words,
     store_param,
     store_slot,
 )
+
+_STATE = {torch.float32: FORMATS[torch.float32], torch.bfloat16: FORMATS[torch.bfloat16]}
 
 
 @triton.jit
@@ -67,9 +67,9 @@ def _direction(p, m, v, bias_correction1, bias_correction2_sqrt, eps, weight_dec
 
 @triton.jit
 def _moments(
-    row, param_ptr, grad_ptr, offs, mask, q, exists, qmap_signed, qmap_unsigned, partial_ptr,
-    step, beta1, beta3, beta2, one_minus_beta2, eps, weight_decay, bias_correction1,
-    bias_correction2_sqrt, grad_mul, grad_scale_ptr, grad_div_ptr,
+    row, param_ptr, grad_ptr, offs, mask, partial_ptr, step, beta1, beta3, beta2,
+    one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt, grad_mul,
+    grad_scale_ptr, grad_div_ptr,
     PARAM_DTYPE: tl.constexpr, STATE: tl.constexpr, STOCHASTIC: tl.constexpr,
     MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_GRAD_MUL: tl.constexpr,
     HAS_GRAD_DIV: tl.constexpr, ALIGNED: tl.constexpr,
@@ -77,8 +77,8 @@ def _moments(
     # all math in fp32, whatever the param and state dtypes
     p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    m = load_slot(row, 0, offs, mask, q, exists, qmap_signed, STATE, ALIGNED)
-    v = load_slot(row, 1, offs, mask, q, exists, qmap_unsigned, STATE, ALIGNED)
+    m = load_slot(row, 0, offs, mask, 0, 0, 0, STATE, ALIGNED)
+    v = load_slot(row, 1, offs, mask, 0, 0, 0, STATE, ALIGNED)
     if HAS_GRAD_SCALE:  # unscale: divide like GradScaler's own unscale (the scale is a power of 2)
         g = g / tl.load(grad_scale_ptr)
     if HAS_GRAD_MUL:  # pending clip coefficient of opt.clip_grad_norm_
@@ -91,11 +91,10 @@ def _moments(
     bits0, bits1, bits2, bits3 = 0, 0, 0, 0
     if STOCHASTIC:  # word 1 rounds m, 2 rounds v (word 0 rounds p in the apply pass)
         bits0, bits1, bits2, bits3 = random_words(row, step, offs)
-    store_slot(row, 0, offs, mask, q, exists, qmap_signed, m, bits1, STATE, STOCHASTIC, ALIGNED)
-    store_slot(row, 1, offs, mask, q, exists, qmap_unsigned, v, bits2, STATE, STOCHASTIC,
-               ALIGNED)
-    # the direction's per-program sums, from m, v in fp32 (before their rounding to a
-    # narrower state format: the apply pass recomputes u from the stored m, v)
+    store_slot(row, 0, offs, mask, 0, 0, 0, m, bits1, STATE, STOCHASTIC, ALIGNED)
+    store_slot(row, 1, offs, mask, 0, 0, 0, v, bits2, STATE, STOCHASTIC, ALIGNED)
+    # the direction's per-program sums, from m, v in fp32 (before their rounding to bf16
+    # state: the apply pass recomputes u from the stored m, v)
     u = _direction(p, m, v, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
     pp = p * p
     uu = u * u
@@ -117,10 +116,8 @@ def _lamb_moments_kernel(
     found_inf_ptr,  # fp32 scalar: nonzero means skip the whole step (HAS_FOUND_INF)
     grad_mul_ptr,  # fp32 scalar: grads are multiplied by it (HAS_GRAD_MUL)
     grad_div_ptr,  # fp32 scalar: LAMB's global clip divisor (HAS_GRAD_DIV)
-    qmap_signed,  # fp32 [256]: the 8-bit code map of exp_avg
-    qmap_unsigned,  # fp32 [256]: the 8-bit code map of exp_avg_sq
     PARAM_DTYPE: tl.constexpr,
-    STATE: tl.constexpr,  # 0 fp32, 1 bf16, 2 8-bit blockwise
+    STATE: tl.constexpr,  # 0 fp32, 1 bf16
     STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -153,29 +150,19 @@ def _lamb_moments_kernel(
     if HAS_FOUND_INF:  # inf/nan in the scaled grads: leave the state untouched
         proceed = tl.load(found_inf_ptr) == 0.0
     if proceed:
-        if STATE == 2:  # 8-bit: a tile of whole quantization blocks
-            q, offs, mask, exists = quant_tile(row, chunk, numel, BLOCK // 256, 256)
-            _moments(row, param_ptr, grad_ptr, offs, mask, q, exists, qmap_signed,
-                     qmap_unsigned, partial_ptr, step, beta1, beta3, beta2, one_minus_beta2,
-                     eps, weight_decay, bias_correction1, bias_correction2_sqrt, grad_mul,
-                     grad_scale_ptr, grad_div_ptr, PARAM_DTYPE, STATE, STOCHASTIC, True,
-                     HAS_GRAD_SCALE, HAS_GRAD_MUL, HAS_GRAD_DIV, False)
+        start, offs = flat_offsets(chunk, BLOCK, ALIGNED)
+        if start + BLOCK <= numel:  # a whole chunk: unmasked, vectorized access
+            _moments(row, param_ptr, grad_ptr, offs, None, partial_ptr, step, beta1, beta3,
+                     beta2, one_minus_beta2, eps, weight_decay, bias_correction1,
+                     bias_correction2_sqrt, grad_mul, grad_scale_ptr, grad_div_ptr, PARAM_DTYPE,
+                     STATE, STOCHASTIC, False, HAS_GRAD_SCALE, HAS_GRAD_MUL, HAS_GRAD_DIV,
+                     ALIGNED)
         else:
-            start, offs = flat_offsets(chunk, BLOCK, ALIGNED)
-            if start + BLOCK <= numel:  # a whole chunk: unmasked, vectorized access
-                _moments(row, param_ptr, grad_ptr, offs, None, 0, 0, qmap_signed,
-                         qmap_unsigned, partial_ptr, step, beta1, beta3, beta2,
-                         one_minus_beta2, eps, weight_decay, bias_correction1,
-                         bias_correction2_sqrt, grad_mul, grad_scale_ptr, grad_div_ptr,
-                         PARAM_DTYPE, STATE, STOCHASTIC, False, HAS_GRAD_SCALE, HAS_GRAD_MUL,
-                         HAS_GRAD_DIV, ALIGNED)
-            else:
-                _moments(row, param_ptr, grad_ptr, offs, offs < numel, 0, 0, qmap_signed,
-                         qmap_unsigned, partial_ptr, step, beta1, beta3, beta2,
-                         one_minus_beta2, eps, weight_decay, bias_correction1,
-                         bias_correction2_sqrt, grad_mul, grad_scale_ptr, grad_div_ptr,
-                         PARAM_DTYPE, STATE, STOCHASTIC, True, HAS_GRAD_SCALE, HAS_GRAD_MUL,
-                         HAS_GRAD_DIV, ALIGNED)
+            _moments(row, param_ptr, grad_ptr, offs, offs < numel, partial_ptr, step, beta1,
+                     beta3, beta2, one_minus_beta2, eps, weight_decay, bias_correction1,
+                     bias_correction2_sqrt, grad_mul, grad_scale_ptr, grad_div_ptr, PARAM_DTYPE,
+                     STATE, STOCHASTIC, True, HAS_GRAD_SCALE, HAS_GRAD_MUL, HAS_GRAD_DIV,
+                     ALIGNED)
     else:  # a skipped step: the apply pass skips too; keep the sums defined anyway
         pid = tl.program_id(0)
         tl.store(partial_ptr + 2 * pid, 0.0)
@@ -184,14 +171,14 @@ def _lamb_moments_kernel(
 
 @triton.jit
 def _apply(
-    row, param_ptr, offs, mask, q, exists, qmap_signed, qmap_unsigned, step, lr, eps,
-    weight_decay, bias_correction1, bias_correction2_sqrt, trust_ratio,
+    row, param_ptr, offs, mask, step, lr, eps, weight_decay, bias_correction1,
+    bias_correction2_sqrt, trust_ratio,
     PARAM_DTYPE: tl.constexpr, STATE: tl.constexpr, STOCHASTIC: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
     p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
-    m = load_slot(row, 0, offs, mask, q, exists, qmap_signed, STATE, ALIGNED)
-    v = load_slot(row, 1, offs, mask, q, exists, qmap_unsigned, STATE, ALIGNED)
+    m = load_slot(row, 0, offs, mask, 0, 0, 0, STATE, ALIGNED)
+    v = load_slot(row, 1, offs, mask, 0, 0, 0, STATE, ALIGNED)
     u = _direction(p, m, v, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
     bits0, bits1, bits2, bits3 = 0, 0, 0, 0
     if STOCHASTIC:
@@ -208,8 +195,6 @@ def _lamb_apply_kernel(
     blocks_ptr,  # int32 [n_programs, 2]
     sums_ptr,  # fp32 [n_tensors, 2]: Σp², Σu² of each whole tensor
     found_inf_ptr,  # fp32 scalar: nonzero means skip the whole step (HAS_FOUND_INF)
-    qmap_signed,
-    qmap_unsigned,
     PARAM_DTYPE: tl.constexpr,
     LR_DTYPE: tl.constexpr,
     STATE: tl.constexpr,
@@ -245,21 +230,14 @@ def _lamb_apply_kernel(
     if HAS_FOUND_INF:  # inf/nan in the scaled grads: leave the params untouched
         proceed = tl.load(found_inf_ptr) == 0.0
     if proceed:
-        if STATE == 2:
-            q, offs, mask, exists = quant_tile(row, chunk, numel, BLOCK // 256, 256)
-            _apply(row, param_ptr, offs, mask, q, exists, qmap_signed, qmap_unsigned, step, lr,
-                   eps, weight_decay, bias_correction1, bias_correction2_sqrt, trust_ratio,
-                   PARAM_DTYPE, STATE, STOCHASTIC, False)
+        start, offs = flat_offsets(chunk, BLOCK, ALIGNED)
+        if start + BLOCK <= numel:  # a whole chunk: unmasked, vectorized access
+            _apply(row, param_ptr, offs, None, step, lr, eps, weight_decay, bias_correction1,
+                   bias_correction2_sqrt, trust_ratio, PARAM_DTYPE, STATE, STOCHASTIC, ALIGNED)
         else:
-            start, offs = flat_offsets(chunk, BLOCK, ALIGNED)
-            if start + BLOCK <= numel:
-                _apply(row, param_ptr, offs, None, 0, 0, qmap_signed, qmap_unsigned, step, lr,
-                       eps, weight_decay, bias_correction1, bias_correction2_sqrt, trust_ratio,
-                       PARAM_DTYPE, STATE, STOCHASTIC, ALIGNED)
-            else:
-                _apply(row, param_ptr, offs, offs < numel, 0, 0, qmap_signed, qmap_unsigned,
-                       step, lr, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
-                       trust_ratio, PARAM_DTYPE, STATE, STOCHASTIC, ALIGNED)
+            _apply(row, param_ptr, offs, offs < numel, step, lr, eps, weight_decay,
+                   bias_correction1, bias_correction2_sqrt, trust_ratio, PARAM_DTYPE, STATE,
+                   STOCHASTIC, ALIGNED)
 
 
 def launch_moments(tables: Tables, dtype: torch.dtype, *, state_format, stochastic: bool,
@@ -279,9 +257,8 @@ def launch_moments(tables: Tables, dtype: torch.dtype, *, state_format, stochast
         found_inf if found_inf is not None else dummy,
         grad_mul if grad_mul is not None else dummy,
         grad_div if grad_div is not None else dummy,
-        qmap(device, True), qmap(device, False),
         PARAM_DTYPE=TL_DTYPES[dtype],
-        STATE=FORMATS.get(state_format, FP32),
+        STATE=_STATE[state_format],
         STOCHASTIC=stochastic,
         BLOCK=BLOCK,
         ALIGNED=tables.aligned,
@@ -301,14 +278,12 @@ def launch_apply(tables: Tables, dtype: torch.dtype, sums: torch.Tensor, *,
     """Pass 2: p ← p − lr · r · u, with the per-tensor sums [n_tensors, 2] of pass 1."""
     if tables.n_programs == 0:
         return
-    device = tables.tensors.device
     _lamb_apply_kernel[(tables.n_programs,)](
         tables.tensors, tables.hypers, tables.blocks, sums,
         found_inf if found_inf is not None else tables.tensors,
-        qmap(device, True), qmap(device, False),
         PARAM_DTYPE=TL_DTYPES[dtype],
         LR_DTYPE=tl.float64 if lr_dtype == torch.float64 else tl.float32,
-        STATE=FORMATS.get(state_format, FP32),
+        STATE=_STATE[state_format],
         STOCHASTIC=stochastic,
         BLOCK=BLOCK,
         ALIGNED=tables.aligned,
