@@ -1,8 +1,9 @@
 """``python -m bench``: the benchmark suite that fits this machine.
 
 Always (CPU): the warmup recipes' LR curves, the scheduler's host overhead, the warmup-effect
-study. With a CUDA device, also: the optimizer step against torch.optim and the copy bandwidth
-(plus clip + step), and sync / CUDA-graph / recompile counts. Results (JSON + PNG, stamped with
+study, the low-precision training study (bf16 / 8-bit state, stochastic rounding). With a CUDA
+device, also: the optimizer step against torch.optim and the copy bandwidth (plus clip + step),
+and sync / CUDA-graph / recompile counts. Results (JSON + PNG, stamped with
 device, versions and date) go to ``bench/results/`` (or ``$BENCH_RESULTS``).
 
     python -m bench                 # everything that fits the machine
@@ -19,7 +20,7 @@ import torch
 
 from bench.common import log, results_dir
 
-CPU_PARTS = ("recipes", "sched", "warmup")
+CPU_PARTS = ("recipes", "sched", "warmup", "precision")
 GPU_PARTS = ("step", "graphs")
 
 
@@ -36,6 +37,10 @@ def _run_part(name: str, quick: bool) -> None:
         from bench import warmup_effect
 
         warmup_effect.run(quick=quick)
+    elif name == "precision":
+        from bench import precision_study
+
+        precision_study.run(quick=quick)
     elif name == "step":
         from bench import step
 
