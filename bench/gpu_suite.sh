@@ -20,7 +20,7 @@ log="$out/gpu_suite.log"
 status=0
 run() { echo "=== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 run python3 -m pytest -q -p no:cacheprovider tests ${SUITE_PYTEST_ARGS:-}
-for module in ${SUITE_BENCH-step graphs}; do
+for module in ${SUITE_BENCH-step graphs large_batch_step}; do
   run python3 -m bench."$module"
 done
 echo "gpu_suite exit status: $status" | tee -a "$log"
