@@ -1,9 +1,10 @@
 """``python -m bench``: the benchmark suite that fits this machine.
 
 Always (CPU): the warmup recipes' LR curves, the scheduler's host overhead, the warmup-effect
-study, the low-precision training study (bf16 / 8-bit state, stochastic rounding). With a CUDA
-device, also: the optimizer step against torch.optim and the copy bandwidth (plus clip + step),
-and sync / CUDA-graph / recompile counts. Results (JSON + PNG, stamped with
+study, the low-precision training study (bf16 / 8-bit state, stochastic rounding), and the
+optimizer step on the CPU (FusedAdamW's CPU path vs torch's CPU AdamW). With a CUDA device, also:
+the optimizer step against torch.optim and the copy bandwidth (plus clip + step), the large-batch
+optimizers' step, and sync / CUDA-graph / recompile counts. Results (JSON + PNG, stamped with
 device, versions and date) go to ``bench/results/`` (or ``$BENCH_RESULTS``).
 
     python -m bench                 # everything that fits the machine
@@ -20,8 +21,8 @@ import torch
 
 from bench.common import log, results_dir
 
-CPU_PARTS = ("recipes", "sched", "warmup", "precision")
-GPU_PARTS = ("step", "graphs")
+CPU_PARTS = ("recipes", "sched", "warmup", "precision", "step-cpu")
+GPU_PARTS = ("step", "large-batch", "graphs")
 
 
 def _run_part(name: str, quick: bool) -> None:
@@ -41,10 +42,18 @@ def _run_part(name: str, quick: bool) -> None:
         from bench import precision_study
 
         precision_study.run(quick=quick)
+    elif name == "step-cpu":
+        from bench import step
+
+        step.run_cpu(quick=quick)
     elif name == "step":
         from bench import step
 
         step.run(quick=quick)
+    elif name == "large-batch":
+        from bench import large_batch_step
+
+        large_batch_step.run(quick=quick)
     elif name == "graphs":
         from bench import graphs
 
@@ -65,7 +74,8 @@ def main(argv=None) -> None:
             log(f"no CUDA device: skipping {', '.join(skipped)} (GPU-only parts)")
         parts = [p for p in parts if p not in GPU_PARTS]
         if not args.only:
-            log("no CUDA device: GPU parts (step, graphs) skipped; see bench/gpu_suite.sh")
+            log("no CUDA device: GPU parts (step, large-batch, graphs) skipped; see "
+                "bench/gpu_suite.sh")
     start = time.perf_counter()
     for i, part in enumerate(parts, 1):
         log(f"[{i}/{len(parts)}] {part} ...")
