@@ -113,6 +113,12 @@ class FusedOptimizer(Optimizer):
         """Whether torch has a fused op with this bucket's math and state layout."""
         return False
 
+    def _begin_step(self) -> None:
+        """Called by :meth:`step` before the buckets (e.g. LAMB's global grad norm)."""
+
+    def _end_step(self) -> None:
+        """Called by :meth:`step` after the buckets, also when a bucket raised."""
+
     def _update(self, bucket: Bucket, idx: list[int], grads: list[Tensor], backend: str,
                 ctx: StepContext) -> None:
         """Step tensors ``idx`` of ``bucket`` (steps already incremented) on ``backend``."""
@@ -201,11 +207,15 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grad_mul, self._clip_coef = self._clip_coef, None
-        for bucket in self._current_plan().buckets:
-            device = bucket.device
-            bucket.step(self, StepContext(_on(grad_scale, device), _on(found_inf, device),
-                                          _on(grad_mul, device)))
+        self._begin_step()
+        try:
+            grad_mul, self._clip_coef = self._clip_coef, None
+            for bucket in self._current_plan().buckets:
+                device = bucket.device
+                bucket.step(self, StepContext(_on(grad_scale, device), _on(found_inf, device),
+                                              _on(grad_mul, device)))
+        finally:
+            self._end_step()
         return loss
 
     def _current_plan(self) -> _Plan:
@@ -855,6 +865,22 @@ def _frozen(value):
     if isinstance(value, Tensor):
         return id(value)
     return value
+
+
+def validate_betas(betas) -> None:
+    """A pair of betas in [0, 1), as torch checks them (torch's messages): floats, or (as torch
+    accepts) two 1-element tensors, which are read once, on the host."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
+    if sum(isinstance(b, Tensor) for b in betas) == 1:
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            beta = beta.detach().reshape(-1)[0].item()
+        if not _is_number(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
 
 
 def float_betas(betas) -> tuple[float, ...]:

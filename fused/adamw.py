@@ -175,24 +175,9 @@ class FusedAdamW(FusedOptimizer):
 
 def _validate_adamw(group: dict) -> None:
     """AdamW's hyperparameters (torch's messages)."""
-    eps = group["eps"]
-    if not _engine._is_number(eps) or not 0.0 <= eps < float("inf"):
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
-    if sum(isinstance(b, Tensor) for b in betas) == 1:
-        raise ValueError("betas must be either both floats or both Tensors")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor):
-            if beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
-            beta = beta.detach().reshape(-1)[0].item()
-        if not _engine._is_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-    wd = group["weight_decay"]
-    if not _engine._is_number(wd) or not 0.0 <= wd < float("inf"):
-        raise ValueError(f"Invalid weight_decay value: {wd}")
+    _engine.validate_number("eps", group["eps"], label="epsilon value")
+    _engine.validate_betas(group["betas"])
+    _engine.validate_number("weight_decay", group["weight_decay"], label="weight_decay value")
 
 
 def _torch_fused_adamw(bucket: Bucket, idx: list[int], grads: list[Tensor], ctx: StepContext,

@@ -130,24 +130,11 @@ class FusedLAMB(FusedOptimizer):
                          stochastic_rounding=stochastic_rounding)
 
     # ------------------------------------------------------------------ the step
-    @torch.compiler.disable
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Performs a single optimization step.
-
-        Args:
-            closure (Callable, optional): re-evaluates the model and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _begin_step(self) -> None:
         self._grad_div = self._global_clip()
-        try:
-            super().step()
-        finally:
-            self._grad_div = None
-        return loss
+
+    def _end_step(self) -> None:
+        self._grad_div = None
 
     def _global_clip(self) -> Tensor | None:
         """timm's clip divisor max(‖G‖ / max_grad_norm, 1) of the unscaled grads (after a pending
@@ -174,22 +161,10 @@ class FusedLAMB(FusedOptimizer):
             raise ValueError("Invalid state_dtype: torch.uint8 (FusedLAMB keeps its moments in "
                              "torch.float32 or torch.bfloat16; 8-bit second moments that round "
                              "to zero blow up LAMB's update)")
-        eps = group["eps"]
-        if not _engine._is_number(eps) or not 0.0 <= eps < math.inf:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas: {betas!r} (expected a pair of floats)")
-        for i, beta in enumerate(betas):
-            if isinstance(beta, Tensor):
-                if beta.numel() != 1:
-                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
-                beta = beta.detach().reshape(-1)[0].item()
-            if not _engine._is_number(beta) or not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-        weight_decay = group["weight_decay"]
-        if not _engine._is_number(weight_decay) or not 0.0 <= weight_decay < math.inf:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _engine.validate_number("eps", group["eps"], label="epsilon value")
+        _engine.validate_betas(group["betas"])
+        _engine.validate_number("weight_decay", group["weight_decay"],
+                                label="weight_decay value")
         max_grad_norm = group["max_grad_norm"]
         if max_grad_norm is not None and not (_engine._is_number(max_grad_norm)
                                               and 0.0 < max_grad_norm < math.inf):

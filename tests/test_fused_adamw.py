@@ -17,6 +17,7 @@ from fused import FusedAdamW, fused_adamw
 from fused.reference import adamw_step_reference_
 
 from .conftest import DEVICES, HAS_CUDA, INTERPRET, KERNEL_DEVICES
+from .helpers import Mirror, make_grads, make_params
 
 SHAPES = [(), (1,), (1023,), (4097,), (33, 65), (3, 5, 7)]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7),  # the parity bar (tests/test_parity.py)
@@ -27,40 +28,13 @@ kernel_only = pytest.mark.skipif(not INTERPRET and not HAS_CUDA,
                                  reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
 
 
-def _params(shapes, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-            for s in shapes]
+_params = make_params
+_grads = make_grads
 
 
-def _grads(shapes, step, seed=1):
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    return [torch.randn(s, generator=gen) * (1 + step % 3) for s in shapes]
-
-
-class _Mirror:
-    """torch.optim.AdamW(foreach=False) on fp32 master copies: the same math as ours for any
-    param dtype (our state is fp32; each step starts from the stored low-precision param)."""
-
-    def __init__(self, params, **kw):
-        self.params = params
-        self.master = [p.detach().float().clone().requires_grad_() for p in params]
-        self.opt = torch.optim.AdamW(self.master, foreach=False, **kw)
-
-    def step(self, grads, lr=None, start=None):
-        """One step; ``start`` (our params) makes low-precision rounding differences not
-        accumulate: each step is then checked on its own, the fp32 state over all of them."""
-        if lr is not None:
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-        for q, s, g in zip(self.master, start or self.params, grads):
-            with torch.no_grad():
-                q.copy_(s.float())
-            q.grad = None if g is None else g.float().to(q.device)
-        self.opt.step()
-        with torch.no_grad():
-            for q, p in zip(self.master, self.params):
-                p.copy_(q)
+def _Mirror(params, **kw):
+    """torch.optim.AdamW(foreach=False) on fp32 master copies of ``params``."""
+    return Mirror(lambda master: torch.optim.AdamW(master, foreach=False, **kw), params)
 
 
 def assert_close(actual, expected, dtype, what=""):

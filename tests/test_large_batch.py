@@ -22,6 +22,7 @@ from fused import FusedLAMB, FusedLARS, FusedSGD
 from fused.reference import lamb_global_clip, lamb_math, lars_math, sgd_math
 
 from .conftest import INTERPRET
+from .helpers import Mirror, make_grads, make_params
 
 SHAPES = [(), (1,), (1023,), (4097,), (33, 65), (3, 5, 7)]
 STEPS = 8
@@ -126,13 +127,10 @@ FUSED = {"sgd": FusedSGD, "lars": FusedLARS, "lamb": FusedLAMB}
 
 # ------------------------------------------------------------------------------------ helpers
 def _params(shapes, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    return make_params(shapes, dtype, "cpu", seed)
 
 
-def _grads(shapes, step, seed=1):
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    return [torch.randn(s, generator=gen) * (1 + step % 3) for s in shapes]
+_grads = make_grads
 
 
 def _recipe_groups(params, weight_decay):
@@ -142,25 +140,9 @@ def _recipe_groups(params, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-class _Mirror:
-    """The reference optimizer on fp32 master copies of our params: the same math as ours for
-    any param dtype (our state is fp32). Each step starts from our params, so low-precision
-    rounding does not accumulate: every step is checked on its own, the fp32 state over all."""
-
-    def __init__(self, make, params):
-        self.params = [p.detach().clone() for p in params]
-        self.master = [p.detach().float().clone().requires_grad_() for p in params]
-        self.opt = make(self.master)
-
-    def step(self, grads, start):
-        for q, s, g in zip(self.master, start, grads):
-            with torch.no_grad():
-                q.copy_(s.float())
-            q.grad = None if g is None else g.float()
-        self.opt.step()
-        with torch.no_grad():
-            for q, p in zip(self.master, self.params):
-                p.copy_(q)
+def _Mirror(make, params):
+    """The reference optimizer on fp32 master copies of (copies of) our params."""
+    return Mirror(make, [p.detach().clone() for p in params])
 
 
 def assert_close(actual, expected, dtype, what=""):

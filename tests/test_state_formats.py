@@ -18,6 +18,7 @@ from fused import FusedAdamW, formats
 from fused._engine import _slot_value
 
 from .conftest import DEVICES, HAS_CUDA, INTERPRET
+from .helpers import make_grads, make_params
 
 kernel_only = pytest.mark.skipif(not INTERPRET and not HAS_CUDA,
                                  reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
@@ -35,14 +36,10 @@ SHAPES = [(5000,), (70, 90), (3,), (33, 65)]  # 8-bit: the first two quantize, t
 
 
 def _params(dtype, device, shapes=SHAPES, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-            for s in shapes]
+    return make_params(shapes, dtype, device, seed)
 
 
-def _grads(shapes, step, seed=1):
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    return [torch.randn(s, generator=gen) * (1 + step % 3) for s in shapes]
+_grads = make_grads
 
 
 def _run(opt, params, steps, start=0, shapes=SHAPES):

@@ -23,9 +23,10 @@ from .common import (
     Tables,
     count_launch,
     flat_offsets,
+    load_lr,
     load_slot,
     pow_int,
-    program_chunk,
+    program_tensor,
     qmap,
     quant_tile,
     random_words,
@@ -108,15 +109,9 @@ def _adamw_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_GRAD_MUL: tl.constexpr,
 ):
-    tensor, row, chunk = program_chunk(tensors_ptr, blocks_ptr)
-    param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
-    step = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
-    lr = tl.load(tl.load(row + 9).to(tl.pointer_type(LR_DTYPE))).to(tl.float64)
-    numel = tl.load(row + 10)
-    if ALIGNED:
-        param_ptr = tl.multiple_of(param_ptr, 16)
-        grad_ptr = tl.multiple_of(grad_ptr, 16)
+    tensor, row, chunk, param_ptr, grad_ptr, step, numel = program_tensor(
+        tensors_ptr, blocks_ptr, PARAM_DTYPE, ALIGNED)
+    lr = load_lr(row, LR_DTYPE).to(tl.float64)
 
     hyper = hypers_ptr + tensor * 8
     beta1 = tl.load(hyper + 0)  # fp64

@@ -81,6 +81,40 @@ def program_chunk(tensors_ptr, blocks_ptr):
 
 
 @triton.jit
+def program_tensor(tensors_ptr, blocks_ptr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """What every update kernel starts with: this program's tensor index, table row and chunk;
+    the tensor's param and grad pointers (16-byte aligned when ALIGNED, so whole chunks load as
+    vectors), its step count (the device count, after this step's increment) and element
+    count."""
+    tensor, row, chunk = program_chunk(tensors_ptr, blocks_ptr)
+    param_ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+    step = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
+    numel = tl.load(row + 10)
+    return tensor, row, chunk, param_ptr, grad_ptr, step, numel
+
+
+@triton.jit
+def load_lr(row, LR_DTYPE: tl.constexpr):
+    """The group's LR, loaded from its tensor (fp32; fp64 for a group holding fp64 params)."""
+    return tl.load(tl.load(row + 9).to(tl.pointer_type(LR_DTYPE)))
+
+
+@triton.jit
+def chunk_offsets(row, chunk, numel, BLOCK: tl.constexpr, QUANT_TILES: tl.constexpr):
+    """A chunk's offsets and mask as the step walks it: flat, or an 8-bit tile."""
+    if QUANT_TILES:
+        _, offs, mask, _ = quant_tile(row, chunk, numel, BLOCK // 256, 256)
+    else:
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+    return offs, mask
+
+
+@triton.jit
 def flat_offsets(chunk, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """A flat chunk: its first element and its offsets (int64: a tensor may hold more than
     2**31 elements)."""
@@ -299,12 +333,7 @@ def _grad_norm_kernel(
     pid = tl.program_id(0)
     _, row, chunk = program_chunk(tensors_ptr, blocks_ptr)
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD_DTYPE))
-    numel = tl.load(row + 10)
-    if QUANT_TILES:
-        _, offs, mask, _ = quant_tile(row, chunk, numel, BLOCK // 256, 256)
-    else:
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+    offs, mask = chunk_offsets(row, chunk, tl.load(row + 10), BLOCK, QUANT_TILES)
     a = tl.abs(tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     tl.store(partial_ptr + pid, _block_norm(a, norm_type, NORM))
 
@@ -319,15 +348,9 @@ def _param_grad_squares_kernel(
     QUANT_TILES: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    _, row, chunk = program_chunk(tensors_ptr, blocks_ptr)
-    param_ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 10)
-    if QUANT_TILES:
-        _, offs, mask, _ = quant_tile(row, chunk, numel, BLOCK // 256, 256)
-    else:
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+    _, row, chunk, param_ptr, grad_ptr, _, numel = program_tensor(tensors_ptr, blocks_ptr,
+                                                                   DTYPE, False)
+    offs, mask = chunk_offsets(row, chunk, numel, BLOCK, QUANT_TILES)
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(partial_ptr + 2 * pid, tl.sum(tl.reshape(p * p, [p.numel]), axis=0))

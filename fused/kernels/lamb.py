@@ -36,9 +36,10 @@ from .common import (
     Tables,
     count_launch,
     flat_offsets,
+    load_lr,
     load_slot,
     pow_int,
-    program_chunk,
+    program_tensor,
     random_words,
     store_param,
     store_slot,
@@ -126,14 +127,8 @@ def _lamb_moments_kernel(
     HAS_GRAD_MUL: tl.constexpr,
     HAS_GRAD_DIV: tl.constexpr,
 ):
-    tensor, row, chunk = program_chunk(tensors_ptr, blocks_ptr)
-    param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
-    step = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
-    numel = tl.load(row + 10)
-    if ALIGNED:
-        param_ptr = tl.multiple_of(param_ptr, 16)
-        grad_ptr = tl.multiple_of(grad_ptr, 16)
+    tensor, row, chunk, param_ptr, grad_ptr, step, numel = program_tensor(
+        tensors_ptr, blocks_ptr, PARAM_DTYPE, ALIGNED)
     hyper = hypers_ptr + tensor * 8
     beta1 = tl.load(hyper + 0).to(tl.float32)
     beta2 = tl.load(hyper + 1).to(tl.float32)
@@ -204,13 +199,10 @@ def _lamb_apply_kernel(
     TRUST_CLIP: tl.constexpr,  # LAMBC: min(ratio, 1)
     HAS_FOUND_INF: tl.constexpr,
 ):
-    tensor, row, chunk = program_chunk(tensors_ptr, blocks_ptr)
-    param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
-    step = tl.load(tl.load(row + 8).to(tl.pointer_type(tl.float32)))
-    lr = tl.load(tl.load(row + 9).to(tl.pointer_type(LR_DTYPE))).to(tl.float32)
-    numel = tl.load(row + 10)
-    if ALIGNED:
-        param_ptr = tl.multiple_of(param_ptr, 16)
+    # (pass 2 reads no grad: the pointer program_tensor forms is left unused)
+    tensor, row, chunk, param_ptr, _, step, numel = program_tensor(
+        tensors_ptr, blocks_ptr, PARAM_DTYPE, ALIGNED)
+    lr = load_lr(row, LR_DTYPE).to(tl.float32)
     hyper = hypers_ptr + tensor * 8
     eps = tl.load(hyper + 4).to(tl.float32)
     weight_decay = tl.load(hyper + 5).to(tl.float32)
