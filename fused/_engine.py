@@ -416,6 +416,8 @@ class _Plan:
             slots = opt._group_slots(group)
             hyper = opt._hyper_row(group)
             flags = opt._bucket_flags(group)
+            if group["stochastic_rounding"] and "rounding_seed" not in group:
+                group["rounding_seed"] = opt._rounding_seed()  # turned on after construction
             for p in group["params"]:
                 param_id += 1
                 if p.grad is None:
@@ -423,7 +425,13 @@ class _Plan:
                 state = opt.state[p]
                 if len(state) == 0:
                     opt._init_state(p, group)
-                fmt = _state_format(state, p)
+                fmt = _format_for(p, group["state_dtype"])
+                if _state_format(state, opt.SLOTS) not in (None, fmt):
+                    # the group's state_dtype changed since the state was made: convert it
+                    for slot in opt.SLOTS:
+                        if _slot_value(state, slot, slot in opt.SIGNED_SLOTS) is not None:
+                            _set_slot(state, slot, p, fmt, dict(state),
+                                      slot in opt.SIGNED_SLOTS)
                 for slot in slots:  # e.g. amsgrad turned on after a non-amsgrad checkpoint
                     if _slot_value(state, slot, slot in opt.SIGNED_SLOTS) is None:
                         _set_slot(state, slot, p, fmt, None, slot in opt.SIGNED_SLOTS)
@@ -657,17 +665,16 @@ def _format_for(p: Tensor, state_dtype: torch.dtype):
     return state_dtype
 
 
-def _state_format(state: dict, p: Tensor):
-    """The format an existing state is in."""
-    for key, value in state.items():
-        if key.endswith("_codes"):
+def _state_format(state: dict, slots: tuple[str, ...]):
+    """The format the existing slots of a state are in (they share one), or None if it has no
+    slot yet."""
+    for slot in slots:
+        if f"{slot}_codes" in state:
             return torch.uint8
-        if key != "step" and isinstance(value, Tensor) and value.dim() > 0 or (
-                key != "step" and isinstance(value, Tensor) and p.dim() == 0):
-            if _is_native(value):
-                return _NATIVE
-            return value.dtype
-    return _format_for(p, torch.float32)
+        value = state.get(slot)
+        if isinstance(value, Tensor):
+            return _NATIVE if _is_native(value) else value.dtype
+    return None
 
 
 def _is_native(t: Tensor) -> bool:

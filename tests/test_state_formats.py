@@ -308,6 +308,48 @@ def test_8bit_checkpoint_is_compact_and_refuses_to_be_misread_by_torch():
         torch_opt.step()
 
 
+# ------------------------------------------------------------------ settings changed mid-run
+def test_state_dtype_changed_mid_run_converts_the_state(cpu_path):
+    """A group's state_dtype changed after steps is honoured at the next step: the moments are
+    converted (not silently kept in the old format)."""
+    params = _params(torch.float32, "cpu")
+    opt = FusedAdamW(params, lr=1e-2)
+    _run(opt, params, 2)
+    m = opt.state[params[0]]["exp_avg"].clone()
+    opt.param_groups[0]["state_dtype"] = torch.uint8
+    _run(opt, params, 1, start=2)
+    state = opt.state[params[0]]
+    assert "exp_avg_codes" in state and "exp_avg" not in state
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    _run(opt, params, 1, start=3)
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[params[2]]["exp_avg"].dtype == torch.bfloat16  # small ones too
+    assert not torch.equal(opt.state[params[0]]["exp_avg"].float(), m)
+
+
+def test_slot_created_later_takes_the_groups_format(cpu_path):
+    """amsgrad turned on after steps with bf16 state: max_exp_avg_sq is created in bf16."""
+    params = _params(torch.float32, "cpu")
+    opt = FusedAdamW(params, lr=1e-2, state_dtype=torch.bfloat16)
+    _run(opt, params, 1)
+    opt.param_groups[0]["amsgrad"] = True
+    _run(opt, params, 1, start=1)
+    assert opt.state[params[0]]["max_exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_stochastic_rounding_turned_on_later_draws_a_seed(cpu_path):
+    params = _params(torch.bfloat16, "cpu")
+    opt = FusedAdamW(params, lr=1e-2)
+    _run(opt, params, 1)
+    assert "rounding_seed" not in opt.param_groups[0]
+    torch.manual_seed(4)
+    opt.param_groups[0]["stochastic_rounding"] = True
+    _run(opt, params, 1, start=1)
+    seed = opt.param_groups[0]["rounding_seed"]
+    torch.manual_seed(4)
+    assert seed == int(torch.randint(0, 2**62, (), dtype=torch.int64)) and seed != 0
+
+
 # ------------------------------------------------------------------ everything else keeps working
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8], ids=["bf16", "8bit"])
 def test_clip_grad_scaler_and_groups_in_low_precision_modes(state_dtype, cpu_path):
