@@ -138,11 +138,12 @@ class FusedAdamW(FusedOptimizer):
         return (bool(group["amsgrad"]), bool(group["maximize"]))
 
     def _torch_fused_ok(self, bucket: Bucket) -> bool:
-        # torch's fused AdamW: its state in the param's dtype, fp32 math, no rounding of ours
+        # torch's fused CPU AdamW: its state in the param's dtype, fp32 (fp64) math, no rounding
+        # of ours. Only on the CPU: on CUDA fp64 params take the reference (torch's CUDA kernel
+        # is not known to take our fp64 LR tensor, and no GPU run has checked it)
         native = bucket.format == _engine._NATIVE
-        return (not bucket.stochastic and bucket.device.type in ("cpu", "cuda")
-                and ((bucket.dtype == torch.float32 and bucket.format in (torch.float32,)
-                      and bucket.device.type == "cpu")
+        return (bucket.device.type == "cpu" and not bucket.stochastic
+                and ((bucket.dtype == torch.float32 and bucket.format == torch.float32)
                      or (bucket.dtype in (torch.float32, torch.float64) and native)))
 
     def _update(self, bucket: Bucket, idx: list[int], grads: list[Tensor], backend: str,
@@ -182,7 +183,7 @@ def _validate_adamw(group: dict) -> None:
 
 def _torch_fused_adamw(bucket: Bucket, idx: list[int], grads: list[Tensor], ctx: StepContext,
                        *, amsgrad: bool, maximize: bool) -> None:
-    """torch's own fused AdamW op (its CPU kernel, or CUDA for fp64): the same math. It takes
+    """torch's own fused AdamW op (its CPU kernel): the same math. It takes
     one LR and one set of hyperparameters per call, and would write unscaled grads back into
     ``.grad``, so it gets unscaled / clipped copies (ours never change the grads)."""
     calls: dict[tuple, list[int]] = {}
