@@ -59,6 +59,27 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish_figure(fig, name: str, title: str, fontsize: float = 10) -> Path:
+    """``title`` with the device and date as the figure's suptitle, tight layout, saved as
+    ``name``.png (:func:`save_figure`), closed."""
+    s = stamp()
+    fig.suptitle(f"{title} — {s['device']}, {s['date']}", fontsize=fontsize)
+    fig.tight_layout()
+    path = save_figure(fig, name)
+    pyplot().close(fig)
+    return path
+
+
 def log(msg: str) -> None:
     """Progress line (stderr, flushed), so a long run shows where it is."""
     print(msg, file=sys.stderr, flush=True)

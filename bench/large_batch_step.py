@@ -32,7 +32,7 @@ import types
 
 import torch
 
-from bench.common import format_table, log, save_figure, write_json
+from bench.common import format_table, log, pyplot, save_figure, write_json
 from bench.param_sets import PARAM_SETS, make_params, numel
 
 # The fewest bytes one fp32 step must move per param (read + write), as counted in the README:
@@ -163,10 +163,7 @@ def run(quick: bool = False) -> dict:
 
 
 def _plot(rows: list[dict], bandwidth: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [f"{r['set']}\n{r['optimizer']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.5))

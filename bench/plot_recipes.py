@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
-from bench.common import format_table, log, save_figure
+from bench.common import format_table, log, pyplot, save_figure
 from warmup import GradualWarmupScheduler
 
 
@@ -114,10 +114,7 @@ def recipe_table(name: str = "goyal", last: int | None = 12) -> list[dict]:
 
 
 def main() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = 3
     rows = -(-len(RECIPES) // cols)

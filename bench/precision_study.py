@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bench.common import format_table, log, save_figure, stamp, write_json
+from bench.common import format_table, log, pyplot, save_figure, stamp, write_json
 from fused import FusedAdamW
 from fused.formats import dequantize, quantizes, round_bf16
 from fused.reference import adamw_math
@@ -529,10 +529,7 @@ def _band_plot(ax, xs: list[float], runs: list[list[float]], label: str, color) 
 
 
 def _plot(curves: dict, sweep: dict, cfg: dict, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-from bench.common import format_table, log, save_figure, stamp, write_json
+from bench.common import format_table, log, pyplot, save_figure, stamp, write_json
 from warmup import GradualWarmupScheduler
 
 try:  # the package we replace; optional here, so a missing install is reported, not fatal
@@ -246,10 +246,7 @@ def run(quick: bool = False) -> dict:
 
 
 def _plot(rows: list[dict], ratios: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     configs = [(g, lr) for g in GROUPS for lr in LR_KINDS]
     labels = [f"{g} group{'s' if g > 1 else ''}, {lr} LR" for g, lr in configs]

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from bench.common import format_table, log, save_figure, write_json
+from bench.common import format_table, log, pyplot, save_figure, write_json
 from bench.param_sets import PARAM_SETS, make_params, numel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -283,10 +283,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def _plot(rows: list[dict], bandwidth: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = list(dict.fromkeys((r["set"], r["dtype"]) for r in rows))
     names = list(dict.fromkeys(r["optimizer"] for r in rows))

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
-from bench.common import format_table, log, save_figure, stamp, write_json
+from bench.common import finish_figure, format_table, log, pyplot, save_figure, stamp, write_json
 from fused import FusedAdamW, FusedLAMB, FusedLARS, FusedSGD
 from warmup import GradualWarmupScheduler
 
@@ -735,10 +735,7 @@ def _band_plot(ax, xs: list[float], runs: list[list[float]], label: str, color) 
 
 
 def _plot_goyal(curves: dict, cfg: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = ["black", "tab:red", "tab:orange", "tab:green"]
@@ -759,20 +756,14 @@ def _plot_goyal(curves: dict, cfg: dict) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    s = stamp()
-    fig.suptitle(f"Goyal et al. at small scale: MLP+BN, SGD, k={cfg['k']} "
-                 f"(batch {cfg['small_batch']}→{cfg['small_batch'] * cfg['k']}), "
-                 f"mean and min–max over seeds — {s['device']}, {s['date']}", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, "warmup_effect_goyal")
-    plt.close(fig)
+    finish_figure(fig, "warmup_effect_goyal",
+                  f"Goyal et al. at small scale: MLP+BN, SGD, k={cfg['k']} "
+                  f"(batch {cfg['small_batch']}→{cfg['small_batch'] * cfg['k']}), "
+                  f"mean and min–max over seeds")
 
 
 def _plot_postln(curves: dict, cfg: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for arm, color in zip(POSTLN_ARMS, ["tab:red", "tab:green"]):
@@ -812,10 +803,7 @@ def _lr_ticks(ax, lrs: list[float]) -> None:
 
 
 def _plot_lars(result: dict, small_runs: list[dict], goyal: dict, cfg: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = cfg["ks"]
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.6 * (len(ks) + 1), 4.2))
@@ -848,19 +836,12 @@ def _plot_lars(result: dict, small_runs: list[dict], goyal: dict, cfg: dict) -> 
     _lr_ticks(ax, cfg["sgd_sweep"] + cfg["lars_sweep"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    s = stamp()
-    fig.suptitle(f"Large batch: SGD vs LARS, gradual warmup, MLP+BN (part a's task), mean and "
-                 f"min–max over seeds — {s['device']}, {s['date']}", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, "warmup_effect_lars")
-    plt.close(fig)
+    finish_figure(fig, "warmup_effect_lars", "Large batch: SGD vs LARS, gradual warmup, MLP+BN "
+                  "(part a's task), mean and min–max over seeds")
 
 
 def _plot_lamb(result: dict, cfg: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
@@ -886,19 +867,12 @@ def _plot_lamb(result: dict, cfg: dict) -> None:
     _lr_ticks(ax, [lr for lrs in cfg["sweep"].values() for lr in lrs])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    s = stamp()
-    fig.suptitle(f"Post-LN Transformer at a large batch: AdamW vs LAMB, both with warmup; "
-                 f"mean and min–max over seeds — {s['device']}, {s['date']}", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, "warmup_effect_lamb")
-    plt.close(fig)
+    finish_figure(fig, "warmup_effect_lamb", "Post-LN Transformer at a large batch: AdamW vs "
+                  "LAMB, both with warmup; mean and min–max over seeds")
 
 
 def _plot_plain_sgd(result: dict, postln: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [(f"{opt}, lr {lr}" + (" (part b)" if opt == "Adam" and lr == f"{postln['lr']:g}"
                                     else ""), curves)
@@ -919,12 +893,8 @@ def _plot_plain_sgd(result: dict, postln: dict) -> None:
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="train loss (one line per seed; x: diverged)")
     axes[0].legend(fontsize=8)
-    s = stamp()
-    fig.suptitle(f"Is warmup only for adaptive optimizers? Post-LN Transformer (part b), batch "
-                 f"{postln['batch']} — {s['device']}, {s['date']}", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, "warmup_effect_plain_sgd")
-    plt.close(fig)
+    finish_figure(fig, "warmup_effect_plain_sgd", "Is warmup only for adaptive optimizers? "
+                  f"Post-LN Transformer (part b), batch {postln['batch']}")
 
 
 def _run_arms(study: str, arms, seeds: int, run_one, keys, width: int, describe):
