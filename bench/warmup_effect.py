@@ -802,6 +802,19 @@ def _lr_ticks(ax, lrs: list[float]) -> None:
     ax.minorticks_off()
 
 
+def _sweep_curves(ax, sweeps: dict, colors: dict, key: str, star: bool = False) -> None:
+    """One line per optimizer: the sweep runs' ``key`` against their LR (``star``: the picked
+    LR marked)."""
+    for opt, color in colors.items():
+        sweep = sweeps[opt]
+        lrs = [float(lr) for lr in sweep["runs"]]
+        ax.plot(lrs, [r[key] for r in sweep["runs"].values()], "o-", color=color,
+                label=f"{opt} (picked {sweep['chosen']:g})")
+        if star:
+            ax.plot([sweep["chosen"]], [sweep["runs"][f"{sweep['chosen']:g}"][key]], "*",
+                    color=color, ms=14)
+
+
 def _plot_lars(result: dict, small_runs: list[dict], goyal: dict, cfg: dict) -> None:
     plt = pyplot()
 
@@ -822,13 +835,8 @@ def _plot_lars(result: dict, small_runs: list[dict], goyal: dict, cfg: dict) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for opt, color in (("SGD", "tab:orange"), ("LARS", "tab:blue")):
-        sweep = result["sweep"][opt]
-        lrs = [float(lr) for lr in sweep["runs"]]
-        ax.plot(lrs, [r["tune_error"] for r in sweep["runs"].values()], "o-", color=color,
-                label=f"{opt} (picked {sweep['chosen']:g})")
-        ax.plot([sweep["chosen"]], [sweep["runs"][f"{sweep['chosen']:g}"]["tune_error"]], "*",
-                color=color, ms=14)
+    _sweep_curves(ax, result["sweep"], {"SGD": "tab:orange", "LARS": "tab:blue"}, "tune_error",
+                  star=True)
     ax.axvline(goyal["small_lr"] * cfg["sweep_k"], color="gray", ls=":", lw=1,
                label="kη (linear scaling)")
     ax.set(xscale="log", xlabel="peak LR", ylabel="tuning-split error (seed 0)",
@@ -856,11 +864,7 @@ def _plot_lamb(result: dict, cfg: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax = axes[1]
-    for opt, color in (("AdamW", "tab:red"), ("LAMB", "tab:blue")):
-        sweep = result["sweep"][opt]
-        lrs = [float(lr) for lr in sweep["runs"]]
-        ax.plot(lrs, [r["tune_loss"] for r in sweep["runs"].values()], "o-", color=color,
-                label=f"{opt} (picked {sweep['chosen']:g})")
+    _sweep_curves(ax, result["sweep"], {"AdamW": "tab:red", "LAMB": "tab:blue"}, "tune_loss")
     ax.axhline(math.log(cfg["vocab"]), color="gray", ls=":", lw=1, label="chance (ln V)")
     ax.set(xscale="log", yscale="log", xlabel="peak LR", ylabel="tuning-set loss (seed 0)",
            title="LR sweep")
