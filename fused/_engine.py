@@ -154,8 +154,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         if not (isinstance(lr, Tensor) and not read_lr):
             value = lr.detach().reshape(-1)[0].item() if isinstance(lr, Tensor) else lr
-            if not _is_number(value) or not 0.0 <= value < math.inf:
-                raise ValueError(f"Invalid learning rate: {value}")
+            validate_number("lr", value, label="learning rate")
         if "state_dtype" in group and group["state_dtype"] not in formats.STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r} (expected "
                              "torch.float32, torch.bfloat16 or torch.uint8)")
@@ -184,8 +183,7 @@ class FusedOptimizer(Optimizer):
                                  f"{tuple(lr.shape)}, expected a single value")
             own.copy_(lr.detach().reshape(()))
         else:
-            if not (_is_number(lr) and lr >= 0.0):
-                raise ValueError(f"Invalid learning rate: {lr}")
+            validate_number("lr", lr, high_inclusive=True, label="learning rate")
             own.fill_(lr)
         group["lr"] = own
         return own
@@ -886,8 +884,7 @@ def validate_betas(betas) -> None:
             if beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
             beta = beta.detach().reshape(-1)[0].item()
-        if not _is_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        validate_number("betas", beta, high=1.0, label=f"beta parameter at index {i}")
 
 
 def float_betas(betas) -> tuple[float, ...]:
@@ -896,9 +893,11 @@ def float_betas(betas) -> tuple[float, ...]:
 
 
 def validate_number(name: str, value, low: float = 0.0, high: float = math.inf, *,
-                    high_inclusive: bool = False, label: str | None = None) -> None:
-    """ValueError ``Invalid <label>: <value>`` unless low <= value < high (<= high)."""
-    ok = _is_number(value) and low <= value and (value <= high if high_inclusive
-                                                  else value < high)
+                    low_inclusive: bool = True, high_inclusive: bool = False,
+                    label: str | None = None) -> None:
+    """ValueError ``Invalid <label>: <value>`` unless low <= value < high (``low_inclusive``
+    False: low < value; ``high_inclusive``: value <= high). NaN is never in range."""
+    ok = (_is_number(value) and (low <= value if low_inclusive else low < value)
+          and (value <= high if high_inclusive else value < high))
     if not ok:
         raise ValueError(f"Invalid {label or name}: {value}")

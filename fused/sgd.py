@@ -9,6 +9,7 @@ engine's (:mod:`fused._engine`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -35,15 +36,12 @@ class _MomentumSGD(FusedOptimizer):
     SIGNED_SLOTS = frozenset({"momentum_buffer"})
 
     def _validate_hyperparameters(self, group: dict) -> None:
-        momentum = group["momentum"]
-        if not _engine._is_number(momentum) or not 0.0 <= momentum < float("inf"):
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        dampening = group["dampening"]
-        if not _engine._is_number(dampening) or not abs(dampening) < float("inf"):
-            raise ValueError(f"Invalid dampening value: {dampening}")
-        weight_decay = group["weight_decay"]
-        if not _engine._is_number(weight_decay) or not 0.0 <= weight_decay < float("inf"):
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        momentum, dampening = group["momentum"], group["dampening"]
+        _engine.validate_number("momentum", momentum, label="momentum value")
+        _engine.validate_number("dampening", dampening, -math.inf, low_inclusive=False,
+                                label="dampening value")
+        _engine.validate_number("weight_decay", group["weight_decay"],
+                                label="weight_decay value")
         _validate_flag(group, "nesterov")
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
@@ -275,12 +273,8 @@ class FusedLARS(_MomentumSGD):
     def _validate_hyperparameters(self, group: dict) -> None:
         group.setdefault("nesterov", False)
         super()._validate_hyperparameters(group)
-        trust_coeff = group["trust_coeff"]
-        if not _engine._is_number(trust_coeff) or not 0.0 < trust_coeff < float("inf"):
-            raise ValueError(f"Invalid trust_coeff: {trust_coeff}")
-        eps = group["eps"]
-        if not _engine._is_number(eps) or not 0.0 <= eps < float("inf"):
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        _engine.validate_number("trust_coeff", group["trust_coeff"], low_inclusive=False)
+        _engine.validate_number("eps", group["eps"], label="epsilon value")
         _validate_flag(group, "trust_clip")
         _validate_flag(group, "always_adapt")
 
