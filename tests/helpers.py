@@ -3,6 +3,8 @@ fp32 master copies."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -43,3 +45,30 @@ class Mirror:
         with torch.no_grad():
             for q, p in zip(self.master, self.params):
                 p.copy_(q)
+
+
+def capture_step(opt) -> torch.cuda.CUDAGraph:
+    """``opt.step()`` captured in a CUDA graph, after one warm-up step on a side stream (tables,
+    state and kernels are built there, outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Any host synchronization inside raises (``torch.cuda.set_sync_debug_mode("error")``);
+    the mode is restored after, and the device synchronized."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -17,7 +17,7 @@ from fused import FusedAdamW, fused_adamw
 from fused.reference import adamw_step_reference_
 
 from .conftest import DEVICES, HAS_CUDA, INTERPRET, KERNEL_DEVICES
-from .helpers import Mirror, make_grads, make_params
+from .helpers import Mirror, capture_step, make_grads, make_params, no_host_sync
 
 SHAPES = [(), (1,), (1023,), (4097,), (33, 65), (3, 5, 7)]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7),  # the parity bar (tests/test_parity.py)
@@ -442,15 +442,10 @@ def test_no_host_sync_over_100_scheduled_steps():
         p.grad = torch.randn_like(p)
     opt.step()
     sched.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(100):
             opt.step()
             sched.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
 
 
 @pytest.mark.cuda
@@ -465,16 +460,8 @@ def test_cuda_graph_capture_with_lr_changed_between_replays():
         p.grad = g
     for q, g in zip(twins, static_grads):
         q.grad = g.clone()
-    # warm up on a side stream (tables, state, compilation), then capture
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(s)
+    graph = capture_step(opt)  # warm-up step on a side stream, then the capture
     eager.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
     lr_tensor = opt.param_groups[0]["lr"]
     for i in range(10):
         lr = 1e-3 * (i + 2)

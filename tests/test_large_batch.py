@@ -22,7 +22,7 @@ from fused import FusedLAMB, FusedLARS, FusedSGD
 from fused.reference import lamb_global_clip, lamb_math, lars_math, sgd_math
 
 from .conftest import INTERPRET
-from .helpers import Mirror, make_grads, make_params
+from .helpers import Mirror, capture_step, make_grads, make_params, no_host_sync
 
 SHAPES = [(), (1,), (1023,), (4097,), (33, 65), (3, 5, 7)]
 STEPS = 8
@@ -852,16 +852,11 @@ def test_cuda_no_host_sync_over_scheduled_steps(kind):
         p.grad = torch.randn_like(p)
     opt.step()
     sched.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(30):
             opt.clip_grad_norm_(1.0)
             opt.step()
             sched.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
 
 
 @pytest.mark.cuda
@@ -876,15 +871,8 @@ def test_cuda_graph_replays_follow_the_lr_and_match_eager(kind):
     static_grads = [torch.randn_like(p) for p in params]
     for p, q, g in zip(params, twins, static_grads):
         p.grad, q.grad = g, g.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = capture_step(opt)
     eager.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
     for i in range(8):
         lr = 1e-2 * (i + 2)
         for o in (opt, eager):

@@ -18,7 +18,7 @@ from fused import FusedAdamW, formats
 from fused._engine import _slot_value
 
 from .conftest import DEVICES, HAS_CUDA, INTERPRET
-from .helpers import make_grads, make_params
+from .helpers import capture_step, make_grads, make_params, no_host_sync
 
 kernel_only = pytest.mark.skipif(not INTERPRET and not HAS_CUDA,
                                  reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
@@ -445,14 +445,7 @@ def test_cuda_graph_replays_draw_new_bits(state_dtype):
     p.grad = torch.ones_like(p)
     opt = FusedAdamW([p], lr=lr, weight_decay=0.0, betas=(0.0, 0.0), state_dtype=state_dtype,
                      stochastic_rounding=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = capture_step(opt)
     for _ in range(steps - 1):
         graph.replay()
     torch.cuda.synchronize()
@@ -480,16 +473,11 @@ def test_cuda_no_host_sync_over_100_scheduled_steps(dtype, state_dtype):
     opt.clip_grad_norm_(1.0)
     opt.step()
     sched.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(100):
             opt.clip_grad_norm_(1.0)
             opt.step()
             sched.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in params)
 
 
