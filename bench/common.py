@@ -1,12 +1,18 @@
-"""Shared bench plumbing: the stamp every result file carries, JSON/PNG writers, table printing."""
+"""Shared bench plumbing: the stamp every result file carries, JSON/PNG writers, table printing,
+seed summaries and the worker pool of the CPU studies."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
+import statistics
 import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -102,3 +108,89 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU studies: seed summaries and runs in worker processes
+# ---------------------------------------------------------------------------------------------
+def summary(values: list[float]) -> dict:
+    """Mean, std, min, max over seeds; mean and std NaN if any run diverged (non-finite)."""
+    finite = [v for v in values if math.isfinite(v)]
+    ok = len(finite) == len(values)
+    return {"mean": statistics.fmean(values) if ok else float("nan"),
+            "std": statistics.stdev(values) if ok and len(values) > 1 else float("nan"),
+            "min": min(finite) if finite else float("nan"),
+            "max": max(finite) if finite else float("nan"),
+            "values": values, "diverged": len(values) - len(finite)}
+
+
+def pm(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+    """A :func:`summary` as ``mean ± std [min, max]`` (times ``scale``)."""
+    if not math.isfinite(s["mean"]):
+        return f"diverged in {s['diverged']}/{len(s['values'])}"
+    return (f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f} "
+            f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
+
+
+def se_diff(a: dict, b: dict) -> float:
+    """Standard error of the difference of two arms' means (seeds taken as independent)."""
+    return math.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"]))
+
+
+def config_key(cfg: dict) -> tuple:
+    """A config dict as a hashable key (lists as tuples), for per-process data caches."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.items()))
+
+
+def _job(fn, kwargs: dict) -> tuple[dict, float]:
+    """Worker entry: one run, single-threaded; its result and seconds."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    result = fn(**kwargs)
+    return result, time.perf_counter() - t0
+
+
+def run_jobs(jobs: dict, workers: int, threads: int, report, follow_up=None) -> dict:
+    """Runs ``jobs`` (key → (priority, fn, kwargs); ``fn`` a module-level function), the lowest
+    priority first, in ``workers`` spawned single-threaded processes (in this process with
+    ``threads`` threads when 1). After each run ``report(done, key, result, seconds)`` logs it
+    and ``follow_up(done)`` may add jobs (those that need a sweep's winner). Returns key →
+    result."""
+    done: dict = {}
+    queue = dict(jobs)
+
+    def finished(key, result, seconds):
+        done[key] = result
+        report(done, key, result, seconds)
+        if follow_up is not None:
+            queue.update({k: v for k, v in follow_up(done).items() if k not in done})
+
+    def take():
+        key = min(queue, key=lambda k: queue[k][0])
+        return key, queue.pop(key)
+
+    if workers <= 1:
+        while queue:
+            key, (_, fn, kwargs) = take()
+            t0 = time.perf_counter()
+            torch.set_num_threads(threads)
+            finished(key, fn(**kwargs), time.perf_counter() - t0)
+        return done
+    submitted = set()
+    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        running = {}
+        while queue or running:
+            while queue and len(running) < workers:
+                key, (_, fn, kwargs) = take()
+                if key not in submitted:
+                    submitted.add(key)
+                    running[pool.submit(_job, fn, kwargs)] = key
+            ready, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ready:
+                key = running.pop(future)
+                finished(key, *future.result())
+            for key in list(queue):  # a follow-up that is already running or done
+                if key in submitted:
+                    queue.pop(key)
+    return done

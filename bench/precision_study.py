@@ -53,14 +53,24 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bench.common import format_table, log, pyplot, save_figure, stamp, write_json
+from bench.common import (
+    config_key,
+    format_table,
+    log,
+    pm,
+    pyplot,
+    run_jobs,
+    save_figure,
+    se_diff,
+    stamp,
+    summary,
+    write_json,
+)
 from fused import FusedAdamW
 from fused.formats import dequantize, quantizes, round_bf16
 from fused.reference import adamw_math
@@ -137,10 +147,6 @@ class _MLP(nn.Module):
 def _cpu_name() -> str:
     """The CPU the study ran on (``stamp()`` names the GPU on a CUDA machine)."""
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)"
-
-
-def _config_key(cfg: dict) -> tuple:
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.items()))
 
 
 @functools.lru_cache(maxsize=2)
@@ -249,7 +255,7 @@ def _stored_second_moment(opt: torch.optim.Optimizer, p: Tensor) -> Tensor:
 def _train(arm: str, seed: int, lr: float, cfg: dict) -> dict:
     """One run: held-out and train-loss curves, final losses, state bytes, step time, and the
     drift of the stored second moment from an fp32 shadow fed the same grads."""
-    data = _data(_config_key(cfg))
+    data = _data(config_key(cfg))
     dtype = ARMS[arm][0]
     torch.manual_seed(seed)
     dims = [cfg["in_dim"]] + [cfg["hidden"]] * cfg["depth"] + [cfg["out_dim"]]
@@ -304,54 +310,16 @@ def _train(arm: str, seed: int, lr: float, cfg: dict) -> dict:
             .median().item()}
 
 
-def _run_job(job: tuple) -> tuple:
-    """Worker entry: one (arm, seed, peak LR) run, single-threaded."""
-    arm, seed, lr, cfg = job
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    result = _train(arm, seed, lr, cfg)
-    return arm, seed, lr, result, time.perf_counter() - t0
-
-
-def _run_jobs(jobs: list[tuple], workers: int) -> list[tuple]:
-    """All runs, in ``workers`` spawned processes (in this process when 1)."""
-    done = []
-
-    def report(out):
-        arm, seed, lr, r, seconds = out
-        done.append(out)
-        log(f"  [{len(done)}/{len(jobs)}] lr {lr:g} {arm:<34} seed {seed}: held-out "
-            f"{r['final_heldout_loss']:.4e} ({seconds:.1f} s, step {r['step_ms']:.2f} ms)")
-
-    if workers <= 1:
-        for job in jobs:
-            report(_run_job(job))
-        return done
-    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(_run_job, job) for job in jobs]):
-            report(future.result())
-    return done
+def _report(done: dict, key: tuple, result: dict, seconds: float, total: int) -> None:
+    """The progress line of one (arm, seed, peak LR) run."""
+    arm, seed, lr = key
+    log(f"  [{len(done)}/{total}] lr {lr:g} {arm:<34} seed {seed}: held-out "
+        f"{result['final_heldout_loss']:.4e} ({seconds:.1f} s, step {result['step_ms']:.2f} ms)")
 
 
 # ---------------------------------------------------------------------------------------------
 # summaries and verdicts
 # ---------------------------------------------------------------------------------------------
-def _summary(values: list[float]) -> dict:
-    finite = [v for v in values if math.isfinite(v)]
-    ok = len(finite) == len(values)
-    return {"mean": statistics.fmean(values) if ok else float("nan"),
-            "std": statistics.stdev(values) if ok and len(values) > 1 else float("nan"),
-            "min": min(finite) if finite else float("nan"),
-            "max": max(finite) if finite else float("nan"),
-            "values": values, "diverged": len(values) - len(finite)}
-
-
-def _se_diff(a: dict, b: dict) -> float:
-    """Standard error of the difference of two arms' means (seeds taken as independent)."""
-    return math.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"]))
-
-
 def _compare(arm: dict, ref: dict) -> dict:
     """``arm`` against ``ref`` (final held-out loss summaries over the same seeds), in % of
     ref's mean: the difference of the means, twice its standard error (within seed noise: the
@@ -359,7 +327,7 @@ def _compare(arm: dict, ref: dict) -> dict:
     base = ref["mean"]
     paired = [100 * (a - r) / r for a, r in zip(arm["values"], ref["values"])]
     diff = 100 * (arm["mean"] - base) / base
-    two_se = 200 * _se_diff(arm, ref) / base
+    two_se = 200 * se_diff(arm, ref) / base
     return {"diff_pct": diff, "two_se_pct": two_se,
             "within_noise": bool(abs(diff) <= two_se) if math.isfinite(two_se) else False,
             "paired_pct": paired, "paired_min_pct": min(paired), "paired_max_pct": max(paired),
@@ -411,7 +379,7 @@ def _verdicts(sweep: dict, main_lr: float) -> dict:
 
     sr, kahan = loss[BF16_SR], loss[KAHAN]
     d = 100 * (kahan["mean"] - sr["mean"]) / ref["mean"]
-    two_se = 200 * _se_diff(kahan, sr) / ref["mean"]
+    two_se = 200 * se_diff(kahan, sr) / ref["mean"]
     paired = [100 * (k - s) / r for k, s, r in zip(kahan["values"], sr["values"], ref["values"])]
     outcome = ("Kahan beats stochastic rounding" if d < -two_se
                else "stochastic rounding beats Kahan" if d > two_se
@@ -469,7 +437,7 @@ def _verdicts(sweep: dict, main_lr: float) -> dict:
             continue
         a, b = at["final_heldout_loss"][FP32_8BIT_SR], at["final_heldout_loss"][FP32_8BIT]
         d = 100 * (a["mean"] - b["mean"]) / b["mean"]
-        two_se = 200 * _se_diff(a, b) / b["mean"]
+        two_se = 200 * se_diff(a, b) / b["mean"]
         paired = [100 * (x - y) / y for x, y in zip(a["values"], b["values"])]
         outcome = ("lower loss with SR" if d < -two_se else "higher loss with SR" if d > two_se
                    else "no measurable difference in loss")
@@ -501,13 +469,6 @@ def _verdicts(sweep: dict, main_lr: float) -> dict:
         + ("still outside seed noise" if _worse(sweep[top]["compare"][BF16_FP32_STATE])
            else "within seed noise"))
     return verdicts
-
-
-def _pm(s: dict, digits: int = 3, scale: float = 1.0) -> str:
-    if not math.isfinite(s["mean"]):
-        return f"diverged in {s['diverged']}/{len(s['values'])}"
-    return (f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f} "
-            f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,19 +577,20 @@ def run(quick: bool = False, device: str | None = None, seeds: int = 3,
         f"quick={quick}")
 
     plan = {cfg["lr"]: list(ARMS), **sweep_arms}
-    jobs = [(arm, seed, lr, cfg) for lr, arms in plan.items() for arm in arms
-            for seed in range(seeds)]
     slow = {FP32_8BIT_SR: 0, BF16_8BIT_SR: 0, FP32_8BIT: 1, BF16_SR: 2}
-    jobs.sort(key=lambda job: slow.get(job[0], 3))  # the slowest first: workers end together
+    # the slowest first, so that the workers end together
+    jobs = {(arm, seed, lr): (slow.get(arm, 3), _train, dict(arm=arm, seed=seed, lr=lr, cfg=cfg))
+            for lr, arms in plan.items() for arm in arms for seed in range(seeds)}
     runs: dict = {lr: {arm: [None] * seeds for arm in arms} for lr, arms in plan.items()}
-    for arm, seed, lr, r, _ in _run_jobs(jobs, workers):
+    done = run_jobs(jobs, workers, 1, functools.partial(_report, total=len(jobs)))
+    for (arm, seed, lr), r in done.items():
         runs[lr][arm][seed] = r
 
     keys = ("final_heldout_loss", "final_train_loss", "state_bytes_per_param", "step_ms",
             "second_moment_ratio")
     sweep = {}
     for lr, by_arm in sorted(runs.items()):
-        table = {arm: {k: _summary([r[k] for r in by_arm[arm]]) for k in keys} for arm in by_arm}
+        table = {arm: {k: summary([r[k] for r in by_arm[arm]]) for k in keys} for arm in by_arm}
         ref = table[REFERENCE]["final_heldout_loss"]
         sweep[lr] = {"arms": list(by_arm),
                      "final_heldout_loss": {a: t["final_heldout_loss"] for a, t in table.items()},
@@ -651,7 +613,7 @@ def run(quick: bool = False, device: str | None = None, seeds: int = 3,
             "rounding": ("stochastic" if stochastic else "Kahan" if kind == "kahan"
                          else "nearest" if torch.bfloat16 in (dtype, state_dtype)
                          or state_dtype == torch.uint8 else "-"),
-            columns[4]: _pm(main["final_heldout_loss"][arm], 3, 1e3),
+            columns[4]: pm(main["final_heldout_loss"][arm], 1e3, 3),
             vs: "-" if arm == REFERENCE else f"{c['diff_pct']:+.1f}% ({c['two_se_pct']:.1f}%)",
             "per seed": ("-" if arm == REFERENCE else
                          f"{c['paired_min_pct']:+.1f}% to {c['paired_max_pct']:+.1f}%"),

@@ -48,15 +48,26 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR
 
-from bench.common import finish_figure, format_table, log, pyplot, save_figure, stamp, write_json
+from bench.common import (
+    config_key,
+    finish_figure,
+    format_table,
+    log,
+    pm,
+    pyplot,
+    run_jobs,
+    save_figure,
+    se_diff,
+    stamp,
+    summary,
+    write_json,
+)
 from fused import FusedAdamW, FusedLAMB, FusedLARS, FusedSGD
 from warmup import GradualWarmupScheduler
 
@@ -356,7 +367,7 @@ def _lars_run(optimizer: str, peak_lr: float, k: int, seed: int, goyal: dict, la
               device: str) -> dict:
     """Part a's MLP, data and schedule at batch k·B: warmup from peak/k to ``peak_lr`` over
     ``warmup_epochs``, then × 0.1 at the decay epochs; ``optimizer`` "SGD" or "LARS"."""
-    data = _lars_data(_config_key(goyal), lars["tune_size"], device)
+    data = _lars_data(config_key(goyal), lars["tune_size"], device)
     batch = goyal["small_batch"] * k
     iters_per_epoch = goyal["train_size"] // batch
     warmup_iters = goyal["warmup_epochs"] * iters_per_epoch
@@ -440,34 +451,9 @@ def _adam_run(arm: str, lr: float, seed: int, cfg: dict, device: str) -> dict:
     return _postln_run(arm, seed, {**cfg, "lr": lr}, torch.device(device))
 
 
-def _config_key(cfg: dict) -> tuple:
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(cfg.items()))
-
-
 # ---------------------------------------------------------------------------------------------
 # summaries, verdicts, plots
 # ---------------------------------------------------------------------------------------------
-def _summary(values: list[float]) -> dict:
-    finite = [v for v in values if math.isfinite(v)]
-    return {"mean": statistics.fmean(values) if len(finite) == len(values) else float("nan"),
-            "std": statistics.stdev(values) if len(finite) == len(values) > 1 else float("nan"),
-            "min": min(finite) if finite else float("nan"),
-            "max": max(finite) if finite else float("nan"),
-            "values": values, "diverged": len(values) - len(finite)}
-
-
-def _pm(s: dict, scale: float = 1.0, digits: int = 3) -> str:
-    if not math.isfinite(s["mean"]):
-        return f"diverged in {s['diverged']}/{len(s['values'])}"
-    return (f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f} "
-            f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
-
-
-def _se_diff(a: dict, b: dict) -> float:
-    """Standard error of the difference of two arms' means (independent seeds)."""
-    return math.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"]))
-
-
 def _goyal_verdict(table: dict) -> str:
     err = {arm: table[arm]["final_val_error"] for arm in GOYAL_ARMS}
     base, none, const, grad = (err[a] for a in GOYAL_ARMS)
@@ -475,7 +461,7 @@ def _goyal_verdict(table: dict) -> str:
     if not math.isfinite(gap):
         return "no-warmup diverged; gradual warmup " + (
             "trained" if math.isfinite(grad["mean"]) else "also diverged")
-    se = _se_diff(none, base)
+    se = se_diff(none, base)
 
     def left(arm: dict) -> str:
         if not math.isfinite(arm["mean"]):
@@ -536,7 +522,7 @@ def _postln_verdict(table: dict, fit: dict, chance: float) -> str:
 
 def _diff(a: dict, b: dict) -> tuple[float, float]:
     """Difference of two arms' means and twice its standard error (NaN if either diverged)."""
-    return a["mean"] - b["mean"], 2 * _se_diff(a, b)
+    return a["mean"] - b["mean"], 2 * se_diff(a, b)
 
 
 def _noise_word(diff: float, two_se: float, better: str, worse: str) -> str:
@@ -664,7 +650,7 @@ def _warmup_effect(none: list[dict], warm: list[dict]) -> dict:
         losses = [r["final_train_loss"] for r in runs]
         out[name] = {"diverged": sum(not math.isfinite(v) for v in losses),
                      "trained": sum(math.isfinite(v) and v < FIT_LOSS for v in losses),
-                     "seeds": len(runs), "loss": _summary(losses)}
+                     "seeds": len(runs), "loss": summary(losses)}
     diff, two_se = _diff(out["warmup"]["loss"], out["none"]["loss"])
     n, w = out["none"], out["warmup"]
     out.update(diff=diff, two_se=two_se,
@@ -912,68 +898,16 @@ def _run_arms(study: str, arms, seeds: int, run_one, keys, width: int, describe)
             curves[arm].append(r)
             log(f"  {study} {arm:<{width}} seed {seed}: {describe(r)} "
                 f"({time.perf_counter() - t0:.1f} s)")
-    table = {arm: {key: _summary([r[key] for r in curves[arm]]) for key in keys} for arm in arms}
+    table = {arm: {key: summary([r[key] for r in curves[arm]]) for key in keys} for arm in arms}
     return curves, table
 
 
-_RUNNERS = {"lars": _lars_run, "lamb": _lamb_run, "plain_sgd": _plain_sgd_run,
-            "adam": _adam_run}
-
-
-def _job(part: str, kwargs: dict) -> tuple[dict, float]:
-    """Worker entry: one run of parts c-e, single-threaded."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    result = _RUNNERS[part](**kwargs)
-    return result, time.perf_counter() - t0
-
-
-def _run_jobs(jobs: dict, follow_up, workers: int, threads: int) -> dict:
-    """Runs ``jobs`` (key → (priority, part, kwargs); key[0] is the part), the lowest priority
-    first, in ``workers`` spawned processes (in this process with ``threads`` threads when 1).
-    After each run ``follow_up(done)`` may add jobs (those that need a sweep's winner)."""
-    done: dict = {}
-    queue = dict(jobs)
-
-    def report(key, result, seconds):
-        done[key] = result
-        loss = result["final_train_loss"]
-        log(f"  [{len(done)}] {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in key)}"
-            f": final train loss {loss:.4f} "
-            + (f"(diverged at {result['diverged_at']}) " if result.get("diverged_at") else "")
-            + f"({seconds:.1f} s)")
-        queue.update({k: v for k, v in follow_up(done).items() if k not in done})
-
-    def take():
-        key = min(queue, key=lambda k: queue[k][0])
-        return key, queue.pop(key)
-
-    if workers <= 1:
-        while queue:
-            key, (_, part, kwargs) = take()
-            t0 = time.perf_counter()
-            torch.set_num_threads(threads)
-            result = _RUNNERS[part](**kwargs)
-            report(key, result, time.perf_counter() - t0)
-        return done
-    submitted = set()
-    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        running = {}
-        while queue or running:
-            while queue and len(running) < workers:
-                key, (_, part, kwargs) = take()
-                if key not in submitted:
-                    submitted.add(key)
-                    running[pool.submit(_job, part, kwargs)] = key
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                key = running.pop(future)
-                report(key, *future.result())
-            for key in list(queue):  # a follow-up that is already running or done
-                if key in submitted:
-                    queue.pop(key)
-    return done
+def _report(done: dict, key: tuple, result: dict, seconds: float) -> None:
+    """The progress line of one run of parts c-e."""
+    log(f"  [{len(done)}] {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in key)}"
+        f": final train loss {result['final_train_loss']:.4f} "
+        + (f"(diverged at {result['diverged_at']}) " if result.get("diverged_at") else "")
+        + f"({seconds:.1f} s)")
 
 
 def _best_lr(runs: dict, metric: tuple[str, ...]) -> float:
@@ -999,11 +933,11 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
     eta, top = goyal["small_lr"], lars_cfg["sweep_k"]
 
     def lars_job(opt: str, lr: float, k: int, seed: int, priority: int) -> dict:
-        return {("lars", opt, lr, k, seed): (priority, "lars", dict(
+        return {("lars", opt, lr, k, seed): (priority, _lars_run, dict(
             optimizer=opt, peak_lr=lr, k=k, seed=seed, goyal=goyal, lars=lars_cfg, device=dev))}
 
     def lamb_job(opt: str, lr: float, seed: int, priority: int) -> dict:
-        return {("lamb", opt, lr, seed): (priority, "lamb", dict(
+        return {("lamb", opt, lr, seed): (priority, _lamb_run, dict(
             optimizer=opt, lr=lr, seed=seed, cfg=lamb_cfg, device=dev))}
 
     sweeps = {"SGD": lars_cfg["sgd_sweep"], "LARS": lars_cfg["lars_sweep"]}
@@ -1012,11 +946,12 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
     for opt, lrs in lamb_cfg["sweep"].items():
         for lr in lrs:
             jobs.update(lamb_job(opt, lr, 0, 0))
-    for part, lrs in (("plain_sgd", sgd_cfg["sgd_lrs"]), ("adam", sgd_cfg["adam_lrs"])):
+    for part, fn, lrs in (("plain_sgd", _plain_sgd_run, sgd_cfg["sgd_lrs"]),
+                          ("adam", _adam_run, sgd_cfg["adam_lrs"])):
         for lr in lrs:
             for arm in POSTLN_ARMS:
                 for seed in range(seeds):
-                    jobs[(part, arm, lr, seed)] = (2, part, dict(
+                    jobs[(part, arm, lr, seed)] = (2, fn, dict(
                         arm=arm, lr=lr, seed=seed, cfg=postln, device=dev))
     for opt, lrs in sweeps.items():
         for lr in lrs:
@@ -1045,7 +980,7 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
                         more.update(lars_job(opt, chosen[opt] * k / top, k, seed, 4))
         return more
 
-    done = _run_jobs(jobs, follow_up, workers, torch.get_num_threads())
+    done = run_jobs(jobs, workers, torch.get_num_threads(), _report, follow_up)
 
     # c. SGD vs LARS
     lars_lrs = {str(k): {LARS_ARMS[0]: eta * k, LARS_ARMS[1]: chosen["SGD"] * k / top,
@@ -1054,7 +989,7 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
                                         seed)] for seed in range(seeds)] for arm in LARS_ARMS}
                    for k in lars_cfg["ks"]}
     keys = ("final_val_error", "final_val_loss", "final_train_loss")
-    lars_table = {k: {arm: {key: _summary([r[key] for r in runs]) for key in keys}
+    lars_table = {k: {arm: {key: summary([r[key] for r in runs]) for key in keys}
                       for arm, runs in arms.items()} for k, arms in lars_curves.items()}
     lars_sweep = {opt: {"k": top, "chosen": chosen[opt],
                         "runs": {f"{lr:g}": done[("lars", opt, lr, top, 0)] for lr in lrs}}
@@ -1064,7 +999,7 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
     lamb_curves = {arm: [done[("lamb", _LAMB_OPTIMIZER[arm], lamb_lrs[arm], seed)]
                          for seed in range(seeds)] for arm in LAMB_ARMS}
     keys = ("final_val_loss", "final_val_accuracy", "final_train_loss")
-    lamb_table = {arm: {key: _summary([r[key] for r in runs]) for key in keys}
+    lamb_table = {arm: {key: summary([r[key] for r in runs]) for key in keys}
                   for arm, runs in lamb_curves.items()}
     lamb_fit = {arm: _fit_summary(runs) for arm, runs in lamb_curves.items()}
     lamb_sweep = {opt: {"chosen": chosen[opt],
@@ -1078,7 +1013,7 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
                   for opt, (part, lrs) in by_optimizer.items()}
     sgd_curves["Adam"][f"{postln['lr']:g}"] = postln_curves
     keys = ("final_train_loss", "final_val_loss", "final_val_accuracy")
-    sgd_table = {opt: {lr: {arm: {key: _summary([r[key] for r in runs]) for key in keys}
+    sgd_table = {opt: {lr: {arm: {key: summary([r[key] for r in runs]) for key in keys}
                             for arm, runs in arms.items()} for lr, arms in by_lr.items()}
                  for opt, by_lr in sgd_curves.items()}
     sgd_fit = {opt: {lr: {arm: _fit_summary(runs) for arm, runs in arms.items()}
@@ -1095,16 +1030,16 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
     err_col, loss_col = "held-out error % (mean ± std [min, max])", "final train loss"
     rows = [{"experiment": "lars", "arm": f"small batch (part a), η = {eta:g}", "k": 1,
              "batch": goyal["small_batch"], "peak LR": eta,
-             err_col: _pm(goyal_small, 100, 2), loss_col: "-"}]
+             err_col: pm(goyal_small, 100, 2), loss_col: "-"}]
     rows += [{"experiment": "lars", "arm": arm, "k": int(k),
               "batch": goyal["small_batch"] * int(k), "peak LR": round(lars_lrs[k][arm], 6),
-              err_col: _pm(lars_table[k][arm]["final_val_error"], 100, 2),
-              loss_col: _pm(lars_table[k][arm]["final_train_loss"])}
+              err_col: pm(lars_table[k][arm]["final_val_error"], 100, 2),
+              loss_col: pm(lars_table[k][arm]["final_train_loss"])}
              for k in lars_table for arm in LARS_ARMS]
     rows += [{"experiment": "lamb", "arm": arm, "peak LR": lamb_lrs[arm],
-              "held-out loss": _pm(lamb_table[arm]["final_val_loss"]),
-              "held-out token acc": _pm(lamb_table[arm]["final_val_accuracy"]),
-              loss_col: _pm(lamb_table[arm]["final_train_loss"]),
+              "held-out loss": pm(lamb_table[arm]["final_val_loss"]),
+              "held-out token acc": pm(lamb_table[arm]["final_val_accuracy"]),
+              loss_col: pm(lamb_table[arm]["final_train_loss"]),
               f"steps to loss < {FIT_LOSS:g} (per seed)":
                   ", ".join("never" if v is None else str(v) for v in lamb_fit[arm]["values"])}
              for arm in LAMB_ARMS]
@@ -1112,8 +1047,8 @@ def _large_batch_parts(goyal: dict, postln: dict, goyal_small: dict, goyal_small
               "optimizer": (f"SGD (momentum 0), lr {lr}" if opt == "plain SGD" else
                             f"Adam, lr {lr}" + (" (part b)" if lr == f"{postln['lr']:g}"
                                                 else "")),
-              "arm": arm, loss_col: _pm(sgd_table[opt][lr][arm]["final_train_loss"], digits=4),
-              "held-out token acc": _pm(sgd_table[opt][lr][arm]["final_val_accuracy"]),
+              "arm": arm, loss_col: pm(sgd_table[opt][lr][arm]["final_train_loss"], digits=4),
+              "held-out token acc": pm(sgd_table[opt][lr][arm]["final_val_accuracy"]),
               f"steps to loss < {FIT_LOSS:g} (per seed)":
                   ", ".join("never" if v is None else str(v)
                             for v in sgd_fit[opt][lr][arm]["values"]),
@@ -1187,12 +1122,12 @@ def run(quick: bool = False, device: str | None = None, seeds: int = 3,
                 "postln": _postln_verdict(postln_table, postln_fit, math.log(postln["vocab"]))}
     rows = [{"experiment": "goyal", "arm": arm,
              "held-out error % (mean ± std [min, max])":
-                 _pm(goyal_table[arm]["final_val_error"], 100, 2),
-             "final train loss": _pm(goyal_table[arm]["final_train_loss"])}
+                 pm(goyal_table[arm]["final_val_error"], 100, 2),
+             "final train loss": pm(goyal_table[arm]["final_train_loss"])}
             for arm in GOYAL_ARMS]
     rows += [{"experiment": "post-ln", "arm": arm,
-              "held-out token acc": _pm(postln_table[arm]["final_val_accuracy"]),
-              "final train loss": _pm(postln_table[arm]["final_train_loss"]),
+              "held-out token acc": pm(postln_table[arm]["final_val_accuracy"]),
+              "final train loss": pm(postln_table[arm]["final_train_loss"]),
               f"steps to loss < {FIT_LOSS:g} (per seed)":
                   ", ".join("never" if v is None else str(v) for v in postln_fit[arm]["values"])}
              for arm in POSTLN_ARMS]
